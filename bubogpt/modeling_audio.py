@@ -7,6 +7,8 @@ fbank clips (B, S, 1, 128, 204) -> per clip: Conv2d stem -> LayerNorm -> [CLS] +
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,11 +73,11 @@ class ImageBindAudioEncoder(nn.Module):
         self.patch_norm = nn.LayerNorm(dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim))
-        drop_rates = torch.linspace(0, config.drop_path, config.num_blocks).tolist()
+        drop_rates = [config.drop_path * i / max(config.num_blocks - 1, 1) for i in range(config.num_blocks)]
         self.blocks = nn.ModuleList(AudioBlock(config, p) for p in drop_rates)
         # Fixed in ImageBind (learnable=False) but stored in the checkpoint: a buffer.
         self.register_buffer(
-            "log_logit_scale", torch.tensor(config.logit_scale).log(), persistent=True
+            "log_logit_scale", torch.tensor(math.log(config.logit_scale)), persistent=True
         )
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

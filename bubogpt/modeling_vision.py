@@ -79,7 +79,7 @@ class EvaVisionEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim))
         self.patch_embed = EvaPatchEmbed(config)
-        drop_rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        drop_rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
         self.blocks = nn.ModuleList(EvaBlock(config, p) for p in drop_rates)
         self.ln_vision = nn.LayerNorm(dim, eps=config.ln_vision_eps)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
