@@ -163,3 +163,29 @@ def test_wrong_input_shapes_are_refused(tokenizer):
         model.encode_image(torch.randn(1, 3, 100, 100))
     with pytest.raises(ValueError, match="audio"):
         model.encode_audio(torch.randn(1, 3, 128, 204))
+
+
+def test_save_and_load_roundtrip_keeps_every_weight(overfit_model, tmp_path):
+    from bubogpt.checkpoints.native import load_model, save_model
+
+    model, _ = overfit_model
+    save_model(model, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    prompts, audio, image = fixed_batch()
+    assert loaded.generate(prompts, audio=audio, image=image, max_new_tokens=40) == TARGETS
+
+
+def test_loading_weights_of_another_size_names_the_key(overfit_model, tmp_path):
+    from bubogpt.checkpoints.common import CheckpointMismatchError
+    from bubogpt.checkpoints.native import load_model, save_model
+
+    model, _ = overfit_model
+    save_model(model, tmp_path / "model")
+    config = (tmp_path / "model" / "bubogpt_config.json")
+    text = config.read_text().replace('"num_query_token": 16', '"num_query_token": 12')
+    config.write_text(text)
+    with pytest.raises(CheckpointMismatchError, match=r"qformers\.vision\.query_tokens.*\(1, 16, 64\).*\(1, 12, 64\)"):
+        load_model(tmp_path / "model")
