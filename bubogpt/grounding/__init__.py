@@ -1,0 +1,1 @@
+"""Visual grounding: image tagging (RAM), then boxes and masks for the tags."""
