@@ -64,3 +64,9 @@ def test_params_7b_stage2_matches_reference():
     assert rows["stage 2 trainable (both projections)"] == 2 * (768 * 4096 + 4096)
     # Vicuna-7B (Llama-7B) has 6,738,415,616 parameters.
     assert rows["LLM"] == 6_738_415_616
+
+
+def test_conformance_recognises_a_ram_fixture(golden_dir):
+    result = run_conformance(golden_dir.parent / "ram_tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "logits max abs error" in result.stdout
