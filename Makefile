@@ -11,7 +11,7 @@ venv:
 
 # The main job on the embedded tiny default.
 demo: venv
-	$(PY) -m workflows.demo --workdir work/demo
+	$(PY) -m workflows.cli quickstart --workdir work/quickstart
 
 test: venv
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
