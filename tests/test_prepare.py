@@ -1,0 +1,319 @@
+"""`bubogpt data prepare` (workflows/prepare.py) on the tiny synthetic corpus, on one local Ray.
+
+Independent checks: row counts against corpus.json and the Parquet files themselves, tensors against
+`bubogpt.preprocess` run directly on the source files, frozen-encoder tokens against the model loaded
+with `load_model`, and planted corrupt files against `skipped`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bubogpt.config import tiny
+from bubogpt.preprocess import AudioPreprocessConfig, ImagePreprocessConfig, load_audio_fbank, load_image
+from workflows.data import readers
+from workflows.data.prepared import (
+    DATASETS,
+    SPLITS,
+    PreparedDataError,
+    decode_row_tensors,
+    read_manifest,
+    read_split,
+)
+from workflows.prepare import PrepareError, Preprocessor, PrepareConfig, read_corpus_spec, records_to_batch, run_prepare
+
+TINY = tiny()
+IMAGE_CONFIG = ImagePreprocessConfig(image_size=TINY.vision.img_size)
+AUDIO_CONFIG = AudioPreprocessConfig(num_clips=TINY.audio_clips)
+FP16 = {"rtol": 0.0, "atol": 2e-3}  # values within a few units: float16 storage rounds by <= 1e-3
+# Which modality each dataset carries: (image, audio).
+MODALITIES = {
+    "wavcaps": (False, True),
+    "cc_sbu_align": (True, False),
+    "llava_instruct": (True, False),
+    "clotho": (False, True),
+    "vggss": (True, True),
+    "negative_pairs": (True, True),
+}
+
+
+def _rows(prepared_dir: Path, dataset: str, split: str) -> dict[str, dict]:
+    return {row["id"]: row for row in read_split(prepared_dir, dataset, split).to_pylist()}
+
+
+def _parquet_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in folder.glob("*.parquet"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared prepared corpus (tests/conftest.py: prepared_small_corpus)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_counts_equal_parquet_rows_and_corpus_counts(prepared_small_corpus):
+    corpus = json.loads((prepared_small_corpus.corpus_dir / "corpus.json").read_text())
+    manifest = read_manifest(prepared_small_corpus.prepared_dir)
+    assert manifest == prepared_small_corpus.manifest  # the file holds what run_prepare returned
+    assert manifest["skipped"] == []
+    assert set(manifest["counts"]) == set(DATASETS)
+    for dataset in DATASETS:
+        for split in SPLITS:
+            folder = prepared_small_corpus.prepared_dir / dataset / split
+            expected = corpus["sets"][dataset]["splits"][split]["count"]
+            assert manifest["counts"][dataset][split] == _parquet_rows(folder) == expected, (dataset, split)
+            rows = read_split(prepared_small_corpus.prepared_dir, dataset, split)
+            assert set(rows["dataset"].to_pylist()) == {dataset}
+            assert set(rows["split"].to_pylist()) == {split}
+            assert len(set(rows["id"].to_pylist())) == rows.num_rows  # every record once
+
+
+def test_manifest_shapes_schema_and_modalities(prepared_small_corpus):
+    manifest = prepared_small_corpus.manifest
+    size, audio = TINY.vision.img_size, TINY.audio
+    assert manifest["image_size"] == size == 112
+    clips, mels, frames = TINY.audio_clips, audio.num_mel_bins, audio.target_length
+    assert manifest["audio"] == {"clips": clips, "mel_bins": mels, "frames": frames}
+    assert manifest["shapes"] == {
+        "pixel_values": [3, size, size],
+        "fbank": [clips, 1, mels, frames],
+    }
+    assert manifest["features"] is False and manifest["dtype"] == "float16"
+    text = ["dataset", "split", "id", "instruction", "answer", "meta"]
+    assert manifest["schema"] == {**dict.fromkeys(text, "string"), "pixel_values": "binary", "fbank": "binary"}
+    for dataset, (has_image, has_audio) in MODALITIES.items():
+        table = read_split(prepared_small_corpus.prepared_dir, dataset, "train")
+        assert table.schema.names == list(manifest["schema"])
+        assert table["pixel_values"].null_count == (0 if has_image else table.num_rows), dataset
+        assert table["fbank"].null_count == (0 if has_audio else table.num_rows), dataset
+        assert all(isinstance(json.loads(m), dict) for m in table["meta"].to_pylist())
+
+
+def test_image_rows_equal_preprocessing_the_source_images(prepared_small_corpus):
+    corpus, prepared = prepared_small_corpus.corpus_dir, prepared_small_corpus.prepared_dir
+    manifest = prepared_small_corpus.manifest
+    annotations = json.loads((corpus / "cc_sbu_align/train/filter_cap.json").read_text())["annotations"]
+    rows = _rows(prepared, "cc_sbu_align", "train")
+    for entry in annotations[:3]:
+        row = rows[entry["image_id"]]
+        assert row["answer"] == entry["caption"]
+        expected = load_image(corpus / "cc_sbu_align/train/image" / f"{entry['image_id']}.jpg", IMAGE_CONFIG)
+        tensors = decode_row_tensors(row, manifest)
+        assert tensors["fbank"] is None
+        torch.testing.assert_close(tensors["pixel_values"], expected, **FP16)
+
+    # LLaVA: one row per turn, each with its entry's image.
+    entry = json.loads((corpus / "llava_instruct/eval/llava_instruct.json").read_text())[0]
+    row = _rows(prepared, "llava_instruct", "eval")[f"{entry['id']}_0"]
+    assert row["answer"] == entry["conversations"][1]["value"]
+    expected = load_image(corpus / "llava_instruct/eval/image" / entry["image"], IMAGE_CONFIG)
+    torch.testing.assert_close(decode_row_tensors(row, manifest)["pixel_values"], expected, **FP16)
+
+
+def test_audio_rows_equal_preprocessing_the_source_audio(prepared_small_corpus):
+    corpus, prepared = prepared_small_corpus.corpus_dir, prepared_small_corpus.prepared_dir
+    manifest = prepared_small_corpus.manifest
+    annotations = json.loads((corpus / "clotho/train/audio_cap.json").read_text())["annotations"]
+    rows = _rows(prepared, "clotho", "train")
+    for entry in annotations[:3]:
+        row = rows[entry["audio_id"]]
+        assert row["answer"] == entry["caption"]
+        expected = load_audio_fbank(corpus / "clotho/train/audio" / f"{entry['audio_id']}.wav", AUDIO_CONFIG)
+        tensors = decode_row_tensors(row, manifest)
+        assert tensors["pixel_values"] is None
+        torch.testing.assert_close(tensors["fbank"], expected, **FP16)
+
+    # WavCaps: the audio lives inside the webdataset tar.
+    with tarfile.open(corpus / "wavcaps/eval/shard-000000.tar") as tar:
+        key = tar.getnames()[0].split(".")[0]
+        flac = tar.extractfile(f"{key}.flac").read()
+        caption = json.loads(tar.extractfile(f"{key}.json").read())["caption"]
+    row = _rows(prepared, "wavcaps", "eval")[key]
+    assert row["answer"] == caption
+    torch.testing.assert_close(decode_row_tensors(row, manifest)["fbank"], load_audio_fbank(flac, AUDIO_CONFIG), **FP16)
+
+
+def test_image_audio_pairs_carry_both_sources(prepared_small_corpus):
+    corpus, prepared = prepared_small_corpus.corpus_dir, prepared_small_corpus.prepared_dir
+    entry = json.loads((corpus / "vggss/train/vggss_instruction.json").read_text())["annotations"][1]
+    row = _rows(prepared, "vggss", "train")[f"{entry['image_id']}+{entry['audio_id']}"]
+    assert (row["instruction"], row["answer"]) == (entry["instruction"], entry["caption"])
+    tensors = decode_row_tensors(row, prepared_small_corpus.manifest)
+    image = load_image(corpus / "vggss/train/image" / f"{entry['image_id']}.jpg", IMAGE_CONFIG)
+    audio = load_audio_fbank(corpus / "vggss/train/audio" / f"{entry['audio_id']}.wav", AUDIO_CONFIG)
+    torch.testing.assert_close(tensors["pixel_values"], image, **FP16)
+    torch.testing.assert_close(tensors["fbank"], audio, **FP16)
+
+
+def test_refuses_to_write_into_a_folder_in_use(prepared_small_corpus, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    with pytest.raises(PrepareError, match="not empty"):
+        run_prepare(prepared_small_corpus.corpus_dir, busy, progress=False)
+    with pytest.raises(PrepareError, match="not a prepared corpus"):
+        run_prepare(prepared_small_corpus.corpus_dir, busy, overwrite=True, progress=False)
+    assert (busy / "notes.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrupt files, frozen-encoder features and the CLI: one run on a subset corpus
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def problem_run(prepared_small_corpus, tmp_path_factory):
+    """A corpus.json over copies of clotho/cc_sbu_align train (one corrupt file each) and the shared
+    vggss eval split (absolute paths), prepared through the CLI with a tiny features model."""
+    from bubogpt.checkpoints.native import save_model
+    from bubogpt.modeling_bubogpt import BuboGPT
+    from bubogpt.tokenizer import build_tiny_tokenizer
+    from workflows.cli import main
+
+    source = prepared_small_corpus.corpus_dir
+    root = tmp_path_factory.mktemp("prepare_problems")
+    shutil.copytree(source / "clotho/train", root / "clotho")
+    shutil.copytree(source / "cc_sbu_align/train", root / "cc")
+    bad_audio = root / "clotho/audio/clotho_000003.wav"
+    bad_audio.write_bytes(b"RIFF this is not a wave file at all")
+    bad_image = root / "cc/image/cc_000002.jpg"
+    bad_image.write_bytes(bad_image.read_bytes()[:300])  # truncated JPEG
+    shutil.copytree(source / "clotho/eval", root / "clotho_eval")  # every file bad: an empty split
+    all_bad = sorted((root / "clotho_eval/audio").glob("*.wav"))
+    for path in all_bad:
+        path.write_bytes(b"")
+    vggss = {key: str(source / path) for key, path in
+             json.loads((source / "corpus.json").read_text())["sets"]["vggss"]["splits"]["eval"].items()
+             if key in ("annotations", "audio_dir", "image_dir")}  # fmt: skip
+    spec = {"sets": {
+        "clotho": {"splits": {
+            "train": {"annotations": "clotho/audio_cap.json", "audio_dir": "clotho/audio"},
+            "eval": {"annotations": "clotho_eval/audio_cap.json", "audio_dir": "clotho_eval/audio"},
+        }},
+        "cc_sbu_align": {"splits": {"train": {"path": "cc"}}},
+        "vggss": {"splits": {"eval": vggss}},
+    }}  # fmt: skip
+    (root / "corpus.json").write_text(json.dumps(spec))
+
+    torch.manual_seed(0)
+    model = BuboGPT.build(tiny(), build_tiny_tokenizer(["a red square", "a rising chirp"], vocab_size=300))
+    save_model(model, root / "model")
+
+    rc = main(["data", "prepare", "--input", str(root), "--out", str(root / "prepared"),
+               "--preset", "tiny", "--features-model", str(root / "model"), "--workers", "1"])  # fmt: skip
+    bad = [("clotho", "train", bad_audio), ("cc_sbu_align", "train", bad_image)]
+    bad += [("clotho", "eval", path) for path in all_bad]
+    return {"rc": rc, "root": root, "bad": bad}
+
+
+def test_corrupt_files_are_skipped_with_their_paths(problem_run):
+    assert problem_run["rc"] == 0  # the job succeeds
+    prepared = problem_run["root"] / "prepared"
+    manifest = read_manifest(prepared)
+    skipped = {(s["dataset"], s["split"], s["path"]) for s in manifest["skipped"]}
+    assert skipped == {(name, split, str(path)) for name, split, path in problem_run["bad"]}
+    assert all(s["reason"] for s in manifest["skipped"])
+    # 8 clotho and 6 cc_sbu_align train records minus the corrupt one each, clotho eval's 2 all
+    # corrupt (an empty split), vggss eval untouched.
+    expected = {"clotho": {"train": 7, "eval": 0}, "cc_sbu_align": {"train": 5}, "vggss": {"eval": 2}}
+    assert manifest["counts"] == expected
+    for dataset, splits in manifest["counts"].items():
+        for split, count in splits.items():
+            assert _parquet_rows(prepared / dataset / split) == count
+    empty = read_split(prepared, "clotho", "eval")  # the folder exists, with the full schema
+    assert empty.num_rows == 0 and empty.schema.names == list(manifest["schema"])
+    assert "clotho_000003" not in _rows(prepared, "clotho", "train")
+    assert "cc_000002" not in _rows(prepared, "cc_sbu_align", "train")
+    assert not (prepared / "wavcaps").exists()  # only the sets listed in corpus.json
+
+
+def test_features_equal_the_model_encoders_on_the_stored_inputs(problem_run):
+    from bubogpt.checkpoints.native import load_model
+
+    prepared = problem_run["root"] / "prepared"
+    manifest = read_manifest(prepared)
+    vision, audio = TINY.vision, TINY.audio
+    assert manifest["features"] is True
+    assert manifest["shapes"]["vision_tokens"] == [(vision.img_size // vision.patch_size) ** 2 + 1, vision.embed_dim]
+    assert manifest["shapes"]["audio_tokens"] == [12 * 19 + 1, audio.embed_dim]  # 128 x 204 fbank, k16 s10
+    assert manifest["augmentation"].startswith("none")  # the trade-off is stated in the manifest
+
+    model = load_model(problem_run["root"] / "model")
+    rows = list(_rows(prepared, "vggss", "eval").values()) + list(_rows(prepared, "clotho", "train").values())[:1]
+    with torch.no_grad():
+        for row in rows:
+            t = decode_row_tensors(row, manifest)
+            if t["pixel_values"] is not None:
+                expected = model.encode_image(t["pixel_values"][None])[0]
+                torch.testing.assert_close(t["vision_tokens"], expected, rtol=2e-3, atol=2e-3)
+            else:
+                assert t["vision_tokens"] is None
+            expected = model.encode_audio(t["fbank"][None])[0]
+            torch.testing.assert_close(t["audio_tokens"], expected, rtol=2e-3, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Without Ray: the Preprocessor, corpus.json validation, row decoding
+# --------------------------------------------------------------------------------------------------
+
+
+def test_preprocessor_turns_a_failing_record_into_a_skip_row(prepared_small_corpus):
+    units = [u for u in read_corpus_spec(prepared_small_corpus.corpus_dir) if u.dataset == "cc_sbu_align"]
+    good = next(r for r in readers.read_cc_sbu_align(dict(units[0].paths)["path"], split=units[0].split))
+    bad = {**good, "id": "broken", "image": b"\x89PNG\r\n\x1a\n garbage", "image_path": "/data/broken.png"}
+    records = [{**r, "skip_path": None, "skip_reason": None} for r in (good, bad)]
+    config = PrepareConfig.from_preset("tiny")
+
+    out = Preprocessor(config)(records_to_batch(records))
+
+    assert list(out["id"]) == [good["id"], "broken"]
+    assert out["skip_reason"][0] is None and out["pixel_values"][0] is not None
+    assert out["skip_path"][1] == "/data/broken.png" and "image" in out["skip_reason"][1]
+    assert out["pixel_values"][1] is None
+    row = {name: out[name][0] for name in out}
+    expected = load_image(good["image_path"], IMAGE_CONFIG)
+    torch.testing.assert_close(decode_row_tensors(row, {"shapes": config.shapes()})["pixel_values"], expected, **FP16)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"sets": {"audioset": {"splits": {"train": {}}}}}, "unknown set 'audioset'"),
+        ({"sets": {"clotho": {"splits": {"test": {}}}}}, "unknown split"),
+        ({"sets": {"clotho": {"splits": {"train": {"audio_dir": "."}}}}}, 'missing or invalid "annotations"'),
+        ({"sets": {"cc_sbu_align": {"splits": {"train": {"path": "nowhere"}}}}}, "does not exist"),
+        ({"sets": {"wavcaps": {"splits": {"train": {"shards": []}}}}}, "non-empty list"),
+        ({"version": 1}, 'no "sets"'),
+    ],
+)
+def test_bad_corpus_json_is_refused_before_any_work(tmp_path, spec, message):
+    (tmp_path / "corpus.json").write_text(json.dumps(spec))
+    with pytest.raises(PrepareError, match=message):
+        read_corpus_spec(tmp_path)
+
+
+def test_missing_corpus_json_and_mismatched_features_model(tmp_path, problem_run):
+    with pytest.raises(PrepareError, match="no corpus.json"):
+        read_corpus_spec(tmp_path)
+    # The tiny model's encoders read 112 px images; the 7b preset prepares 224 px.
+    with pytest.raises(PrepareError, match="image size 112"):
+        PrepareConfig.from_preset("7b", features_model=problem_run["root"] / "model")
+
+
+def test_decode_row_tensors_refuses_bytes_of_the_wrong_size():
+    manifest = {"shapes": {"pixel_values": [3, 4, 4], "fbank": [2, 1, 3, 5]}}
+    good = torch.arange(48, dtype=torch.float16).reshape(3, 4, 4)
+    row = {"dataset": "cc_sbu_align", "split": "train", "id": "x", "fbank": None}
+    row["pixel_values"] = good.numpy().tobytes()
+    decoded = decode_row_tensors(row, manifest)
+    assert decoded["fbank"] is None
+    assert torch.equal(decoded["pixel_values"], good.float())
+    row["pixel_values"] = row["pixel_values"][:-2]
+    with pytest.raises(PreparedDataError, match="pixel_values of row cc_sbu_align/train/x: 94 bytes, expected 96"):
+        decode_row_tensors(row, manifest)
