@@ -36,7 +36,7 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -72,3 +72,76 @@ def serve_app(ray_session, tmp_path_factory):
     app, stop = start_app(tmp_path_factory.mktemp("serve_app"))
     yield app
     stop()
+
+
+# --- training (workflows/train.py): a real MLflow server and ONE short training shared by all tests ---
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, local artifact root) on a free loopback port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield uri
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@dataclass
+class TrainedTinyModel:
+    out_dir: Path  # `bubogpt train` output (layout in workflows/train.py)
+    model_dir: Path  # the exported model (`save_model` layout): what serving loads
+    prepared_dir: Path  # the corpus it was trained on
+    tracking_uri: str
+    run: dict  # OUT/run.json: {"run_id", "stage_runs": {stage: run id}, "tracking_uri"}
+    steps: int  # optimiser steps of every stage
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(ray_session, prepared_small_corpus, mlflow_server, tmp_path_factory) -> TrainedTinyModel:
+    """All tiny stages, a few steps each, on the prepared tiny corpus, tracked on `mlflow_server`:
+    `bubogpt train --stage all --max-steps 6`. Not a good model; a real one, trained the real way."""
+    import json
+
+    from workflows.cli import build_parser
+    from workflows.train import run_training
+
+    out = tmp_path_factory.mktemp("trained_tiny_model") / "run"
+    steps = 6
+    args = build_parser().parse_args([
+        "train", "--data", str(prepared_small_corpus.prepared_dir), "--out", str(out), "--stage", "all",
+        "--preset", "tiny", "--max-steps", str(steps), "--batch-size", "4", "--tracking-uri", mlflow_server,
+        "--eval-limit", "4",
+    ])  # fmt: skip
+    assert run_training(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    return TrainedTinyModel(out, out / "model", prepared_small_corpus.prepared_dir, mlflow_server, run, steps)

@@ -1,0 +1,276 @@
+"""Helpers for the serving tests: a tiny model directory, test media, and the running application.
+
+The application is started ONCE per test session (the `serve_app` fixture in conftest.py) on a
+loopback port, with the deployment options of serve/config.yaml except: one replica each (no
+autoscaling, so replica identities are comparable), no logical CPUs reserved (other tests share the
+session's Ray), a fast health check (the fault test waits for a restart), and a small LLM queue
+(LLM_ONGOING + LLM_QUEUED) so that a burst of requests can overflow it (the 503 test).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+import soundfile
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_YAML = REPO / "serve" / "config.yaml"
+APP_NAME = "bubogpt"
+API_KEY = "serve-test-key-5d1c"
+DEPLOYMENTS = ("LLM", "Grounding", "Ingress")
+LLM_ONGOING, LLM_QUEUED = 16, 16  # per LLM replica / per caller: 32 requests fit, the 33rd gets 503
+
+
+# --------------------------------------------------------------------------------------------------
+# Model and media
+# --------------------------------------------------------------------------------------------------
+
+
+def build_tiny_model_dir(directory: Path) -> Path:
+    """A randomly initialised tiny BuboGPT (fixed seed), saved as a native model directory."""
+    from bubogpt.checkpoints.native import save_model
+    from bubogpt.config import tiny
+    from bubogpt.data import sample_texts
+    from bubogpt.modeling_bubogpt import BuboGPT
+    from bubogpt.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = BuboGPT.build(tiny(), build_tiny_tokenizer(sample_texts()))
+    return save_model(model, directory)
+
+
+def grounding_dir_for_tests(directory: Path) -> str | None:
+    """The shipped tiny grounding weights (None: the application's default) when they exist; else the
+    same architecture with random weights (fixed seed) and permissive thresholds, so every image still
+    yields entities with boxes and masks. Either way the tests compare the server with the pipeline
+    loaded from the same weights."""
+    from bubogpt.grounding.pipeline import RAM_FILES, TINY_ASSETS, save_tiny_grounding
+
+    if (TINY_ASSETS / RAM_FILES[0]).is_file():
+        return None
+    from bubogpt.data.vocab import OBJECT_KINDS
+    from bubogpt.grounding.detector import DetectorConfig, build_tiny_grounding_dino
+    from bubogpt.grounding.ram import RAMTagger, ram_tiny
+    from bubogpt.grounding.segmenter import SamSegmenter, build_sam, sam_tiny
+
+    torch.manual_seed(0)
+    tags = list(OBJECT_KINDS)
+    tagger = RAMTagger(ram_tiny(len(tags)), tags)
+    detector = build_tiny_grounding_dino(directory / "vocab", tags)
+    sam_config = sam_tiny()
+    permissive = DetectorConfig(box_threshold=0.0, text_threshold=0.0, resize_short=256, resize_max=512)
+    save_tiny_grounding(directory, tagger, torch.zeros(len(tags)), detector, permissive,
+                        SamSegmenter(build_sam(sam_config)), sam_config)  # fmt: skip
+    return str(directory)
+
+
+def scene(seed: int, kinds: tuple[str, ...] = ("circle", "square")):
+    """A synthetic scene (coloured shapes, ground truth kept) from the corpus generator."""
+    from bubogpt.data.synth import make_scene
+
+    return make_scene(np.random.default_rng(seed), f"serve-{seed}", list(kinds))
+
+
+def image_bytes(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def sound_bytes(kind: str, seed: int = 0, seconds: float = 2.0, sample_rate: int = 16000) -> bytes:
+    """A synthetic sound of `kind` (tone, buzz, chirp, ...) as a 16-bit WAV."""
+    from bubogpt.data.synth import audio_bytes, make_sound
+
+    return audio_bytes(make_sound(np.random.default_rng(seed), kind, seconds, sample_rate, 1), "WAV")
+
+
+def source_sound(object_kind: str) -> str:
+    """The sound kind an object of this kind makes (the corpus's one-to-one mapping)."""
+    from bubogpt.data.vocab import SOURCE_SOUND
+
+    return SOURCE_SOUND[object_kind]
+
+
+def silence_wav(seconds: float, sample_rate: int = 8000) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(seconds * sample_rate), dtype=np.float32), sample_rate, format="WAV")
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small, well-formed PNG whose header declares width x height (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    data = zlib.compress(row * 16)  # only the first rows: the guard must refuse before decoding
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{b64(data)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The application
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def start_media_server(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """A loopback static file server: the target of allow-listed image URLs."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def deployment_options_for_tests() -> dict[str, dict]:
+    """serve/config.yaml's per-deployment options, with the test changes named in the docstring."""
+    app = yaml.safe_load(CONFIG_YAML.read_text())["applications"][0]
+    options = {}
+    for deployment in app["deployments"]:
+        name = deployment.pop("name")
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
+        deployment["ray_actor_options"] = {**deployment.get("ray_actor_options", {}), "num_cpus": 0}
+        deployment["health_check_period_s"] = 1
+        deployment["graceful_shutdown_timeout_s"] = 2
+        options[name] = deployment
+    options["LLM"] |= {"max_ongoing_requests": LLM_ONGOING, "max_queued_requests": LLM_QUEUED}
+    return options
+
+
+@dataclass
+class RunningApp:
+    url: str
+    model_dir: Path
+    media_dir: Path
+    media_url: str
+    settings: dict
+    http: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(self, path: str, timeout: float = 60, **kwargs) -> requests.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self.http.post(self.url + path, headers=headers, timeout=timeout, **kwargs)
+
+    def get(self, path: str, timeout: float = 30, **kwargs) -> requests.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self.http.get(self.url + path, headers=headers, timeout=timeout, **kwargs)
+
+    def chat(self, **payload) -> dict:
+        response = self.post("/v1/chat", json=payload)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def replicas(self, pings: int = 6) -> dict[str, set[tuple[str, int]]]:
+        """{deployment: {(replica id, pid)}} from the replicas themselves, through handles."""
+        from ray import serve
+
+        found: dict[str, set[tuple[str, int]]] = {}
+        for name in DEPLOYMENTS:
+            handle = serve.get_deployment_handle(name, app_name=APP_NAME)
+            for _ in range(pings):
+                info = handle.ping.remote().result(timeout_s=30)
+                found.setdefault(name, set()).add((info["replica_id"], info["pid"]))
+        return found
+
+    def metrics(self) -> dict:
+        response = self.get("/v1/metrics")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def start_app(workdir: Path, model_dir: Path | None = None) -> tuple[RunningApp, callable]:
+    """Deploy the application on the current Ray; returns it and a function that stops it."""
+    from ray import serve
+
+    from serve.app import compose
+    from serve.settings import ServeSettings
+
+    media_dir = workdir / "media"
+    (media_dir / "allowed").mkdir(parents=True)
+    (media_dir / "private").mkdir(parents=True)
+    media_server, media_url = start_media_server(media_dir)
+    model_dir = model_dir or build_tiny_model_dir(workdir / "model")
+    settings = ServeSettings(
+        model_dir=str(model_dir),
+        grounding_dir=grounding_dir_for_tests(workdir / "grounding"),
+        api_key=API_KEY,
+        allowed_media_url_prefixes=[media_url + "/allowed/"],
+        max_body_bytes=4 * 1024 * 1024,
+        max_image_pixels=4_000_000,
+        max_audio_seconds=30.0,
+        max_prompt_tokens=600,
+        max_new_tokens=128,
+        default_max_new_tokens=16,
+        request_timeout_s=60.0,
+        llm_max_batch_size=8,
+        llm_batch_wait_s=0.05,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(compose(settings, deployment_options_for_tests()), name=APP_NAME, route_prefix="/", blocking=False)
+    app = RunningApp(f"http://127.0.0.1:{port}", Path(model_dir), media_dir, media_url, settings.to_dict())
+    wait_until_healthy(app, timeout_s=180)
+
+    def stop() -> None:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+        media_server.shutdown()
+
+    return app, stop
+
+
+def wait_until_healthy(app: RunningApp, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = requests.get(app.url + "/healthz", timeout=10)
+            if last.status_code == 200:
+                return
+        except requests.RequestException as err:
+            last = err
+        time.sleep(0.5)
+    raise TimeoutError(f"the application did not become healthy in {timeout_s} s: {last}")
+
+
+def error_message(response: requests.Response) -> str:
+    """The message of a JSON error response (asserting it is one)."""
+    assert response.headers["content-type"].startswith("application/json"), response.text[:200]
+    return response.json()["error"]["message"]
