@@ -54,6 +54,57 @@ def build_tiny_model_dir(directory: Path) -> Path:
     return save_model(model, directory)
 
 
+TALKING_ANSWER = "I see a circle, a square and a triangle."
+
+
+def build_talking_model_dir(directory: Path, max_steps: int = 150) -> Path:
+    """The seed-0 tiny model with its LLM fine-tuned to name shapes whatever it is asked.
+
+    A random tiny model answers "plain plain ..." and never mentions an entity, so nothing in its
+    answers could be grounded or highlighted (the web page test needs spans). The serving tests
+    compare the server with this same directory, so what it says does not matter to them.
+    """
+    from bubogpt.checkpoints.native import save_model
+    from bubogpt.config import tiny
+    from bubogpt.conversation import Conversation
+    from bubogpt.data import sample_texts
+    from bubogpt.modeling_bubogpt import BuboGPT
+    from bubogpt.tokenizer import build_tiny_tokenizer
+    from serve.generation import encode_audio, encode_image
+
+    torch.manual_seed(0)
+    model = BuboGPT.build(tiny(), build_tiny_tokenizer(sample_texts()))
+    vision = encode_image(model, image_bytes(scene(0).pixels), 10**7)
+    audio = encode_audio(model, sound_bytes("tone"), 30.0)
+    prompts, n_vision, n_audio = [], 0, 0
+    questions = ["What shapes are in the picture?", "Describe the image.",
+                 "Which objects can you see, and what colour are they?", "Hello"]
+    for question in questions:
+        for modalities in [("vision",), ("vision", "audio"), ()]:
+            conversation = Conversation()
+            conversation.add_user(question, modalities)
+            prompts.append(conversation.render())
+            n_vision += "vision" in modalities
+            n_audio += "audio" in modalities
+    optimizer = torch.optim.AdamW(model.llm.parameters(), lr=3e-3)
+    probe = Conversation()
+    probe.add_user("What shapes are in the picture?", ("vision", "audio"))
+    for step in range(max_steps):
+        model.train()
+        loss = model(prompts, [TALKING_ANSWER] * len(prompts), vision_tokens=torch.cat([vision] * n_vision),
+                     audio_tokens=torch.cat([audio] * n_audio)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 9:
+            model.eval()
+            answer = model.generate([probe.render()], vision_tokens=vision, audio_tokens=audio, max_new_tokens=16)[0]
+            if answer == TALKING_ANSWER:
+                break
+    model.eval()
+    return save_model(model, directory)
+
+
 def grounding_dir_for_tests(directory: Path) -> str | None:
     """The shipped tiny grounding weights (None: the application's default) when they exist; else the
     same architecture with random weights (fixed seed) and permissive thresholds, so every image still
@@ -226,7 +277,7 @@ def start_app(workdir: Path, model_dir: Path | None = None) -> tuple[RunningApp,
     (media_dir / "allowed").mkdir(parents=True)
     (media_dir / "private").mkdir(parents=True)
     media_server, media_url = start_media_server(media_dir)
-    model_dir = model_dir or build_tiny_model_dir(workdir / "model")
+    model_dir = model_dir or build_talking_model_dir(workdir / "model")
     settings = ServeSettings(
         model_dir=str(model_dir),
         grounding_dir=grounding_dir_for_tests(workdir / "grounding"),
