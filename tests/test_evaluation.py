@@ -1,0 +1,111 @@
+"""Scoring of generated answers from the ground truth (bubogpt/evaluation.py)."""
+
+import pytest
+
+from bubogpt.data import vocab
+from bubogpt.evaluation import (
+    EvalReport,
+    ScoringError,
+    format_table,
+    meets_target,
+    named_sounds,
+    says_unrelated,
+    score_image_qa,
+    score_localisation,
+    score_sound,
+)
+
+
+def qa_meta(qtype, key):
+    return {"qtype": qtype, "answer_key": key}
+
+
+@pytest.mark.parametrize(
+    "answer, meta, right",
+    [
+        ("The circle is red.", qa_meta("colour", "red"), True),
+        ("It is blue.", qa_meta("colour", "red"), False),
+        ("The red circle is blue.", qa_meta("colour", "blue"), False),  # two colours named: ambiguous
+        ("The purple object is a hexagon.", qa_meta("kind", "hexagon"), True),  # the asked colour repeated
+        ("It is a star or a cross.", qa_meta("kind", "star"), False),
+        ("The green square is on the left.", qa_meta("position", "left"), True),
+        ("It is in the centre of the image.", qa_meta("position", "center"), True),
+        ("You can find the green square at the top.", qa_meta("position", "bottom"), False),
+        ("There are three shapes in the image.", qa_meta("count", "three"), True),
+        ("I can see two shapes.", qa_meta("count", "three"), False),
+        ("", qa_meta("colour", "red"), False),
+    ],
+)
+def test_image_qa_scoring(answer, meta, right):
+    assert score_image_qa(answer, meta) is right
+
+
+def test_every_rendered_corpus_answer_scores_right():
+    # The corpus's own answer templates, rendered for every value, must score as right and every
+    # other value as wrong: the parser understands the whole answer vocabulary.
+    for qtype in vocab.QUESTION_TYPES:
+        for variant in range(9):
+            for colour in vocab.COLOUR_NAMES:
+                for kind in vocab.OBJECT_KINDS:
+                    for position in vocab.POSITIONS:
+                        _, answer = vocab.question_answer(qtype, colour, kind, position, 2, variant)
+                        key = {"colour": colour, "kind": kind, "position": position, "count": "two"}[qtype]
+                        assert score_image_qa(answer, qa_meta(qtype, key)), answer
+                        others = {"colour": vocab.COLOUR_NAMES, "kind": vocab.OBJECT_KINDS,
+                                  "position": vocab.POSITIONS, "count": ("one", "three")}[qtype]  # fmt: skip
+                        wrong = next(o for o in others if o != key)
+                        assert not score_image_qa(answer, qa_meta(qtype, wrong)), answer
+
+
+def test_sound_kinds_are_told_apart_in_every_caption_template():
+    for sound in vocab.SOUND_KINDS:
+        for variant in range(12):
+            short = vocab.audio_caption(sound, 3.0, True, variant)
+            detailed = vocab.detailed_audio_caption(sound, 3.0, False, 4, variant)
+            for caption in (short, detailed):
+                assert named_sounds(caption) == {sound}, caption
+                assert score_sound(caption, {"sound_kind": sound})
+    assert named_sounds("a two-tone siren") == {"siren"}  # not also a "tone"
+    assert not score_sound("A steady tone, then a siren.", {"sound_kind": "tone"})
+
+
+def test_localisation_needs_the_source_object_and_no_unrelated_claim():
+    meta = {"source_kind": "circle", "colour": "red", "position": "left", "sound_kind": "tone"}
+    for variant in range(4):
+        caption = vocab.localisation_caption("tone", "red", "circle", "left", variant)
+        assert score_localisation(caption, meta) == (True, True), caption
+    assert score_localisation("The sound comes from the red circle at the top.", meta) == (True, False)
+    assert score_localisation("The sound comes from the blue circle on the left.", meta) == (False, False)
+    assert score_localisation("They seem unrelated. A red circle on the left.", meta) == (False, False)
+    with pytest.raises(ScoringError, match="source_kind"):
+        score_localisation("x", {"colour": "red"})
+
+
+def test_unrelated_phrases():
+    for variant in range(3):
+        assert says_unrelated(vocab.negative_caption("A picture of a star.", "A low buzz.", variant))
+    assert says_unrelated("The sound and the image are not related.")
+    assert not says_unrelated("The sound is a low buzz, coming from the red square on the left.")
+
+
+def test_report_rates_and_table():
+    report = EvalReport()
+    report.add_row("llava_instruct", qa_meta("colour", "red"), "The star is red.")
+    report.add_row("llava_instruct", qa_meta("colour", "red"), "The star is blue.")
+    report.add_row("clotho", {"sound_kind": "buzz"}, "The audio is a low buzz.")
+    report.add_row("vggss", {"related": True, "source_kind": "star", "colour": "red", "position": "top"},
+                   "The red star at the top is making a rapid beeping.")  # fmt: skip
+    report.add_row("vggss", {"related": True, "source_kind": "star", "colour": "red", "position": "top"},
+                   "They seem unrelated.")  # fmt: skip
+    report.add_row("negative_pairs", {"related": False}, "They seem unrelated. A picture of a circle.")
+    metrics = report.metrics()
+    assert metrics["image_qa_colour"] == 0.5
+    assert metrics["sound_kind"] == 1.0
+    assert metrics["localisation"] == 0.5 and metrics["localisation_position"] == 0.5
+    assert metrics["false_alarm_rate"] == 0.5
+    assert metrics["unrelated_rate"] == 1.0
+    assert meets_target("unrelated_rate", 1.0) and not meets_target("false_alarm_rate", 0.5)
+    table = format_table({"full": metrics, "ablation": {"unrelated_rate": 0.0}})
+    assert "unrelated_rate" in table and "100.0%" in table and "0.0%" in table
+    with pytest.raises(ScoringError, match="no evaluation"):
+        report.add_row("cc_sbu_align", {}, "A picture.")

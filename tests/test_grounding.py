@@ -1,0 +1,236 @@
+"""The grounding pipeline with the tiny weights the project ships (bubogpt/assets/grounding_tiny),
+scored on held-out synthetic scenes that no training or calibration step saw; geometry on images of
+other sizes; the result format and the annotated picture; `bubogpt ground` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bubogpt.grounding import evaluate
+from bubogpt.grounding.pipeline import TINY_ASSETS, build_entities, colour_name, load_tiny_grounding
+from bubogpt.grounding.result import (
+    MASK_ALPHA,
+    PALETTE,
+    AnswerSpan,
+    Entity,
+    GroundingResult,
+    annotate_image,
+    decode_mask,
+    drawing_sizes,
+    encode_mask,
+    entity_colour,
+    hex_to_rgb,
+)
+from bubogpt.grounding.scenes import GroundingScene, SceneObject, draw_scenes
+from bubogpt.grounding.training import HELD_OUT_STREAM
+
+# Targets of issue 5, checked on the shipped weights (see the asset README for the measured values).
+TAG_F1_MIN = 0.9
+BOX_RECALL_MIN = 0.85
+BOX_PRECISION_MIN = 0.8
+MASK_IOU_FROM_TRUE_BOXES_MIN = 0.7
+MASK_IOU_END_TO_END_MIN = 0.6
+
+N_HELD_OUT = 60
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    torch.set_num_threads(2)
+    return load_tiny_grounding()
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[GroundingScene]:
+    return list(draw_scenes(0, N_HELD_OUT, HELD_OUT_STREAM))
+
+
+@pytest.fixture(scope="module")
+def grounded(pipeline, held_out) -> list[list[Entity]]:
+    return pipeline.ground_images([s.image for s in held_out])
+
+
+def test_tags(pipeline, held_out):
+    scores = evaluate.tag_scores(pipeline.tagger.tag([s.image for s in held_out]), [s.tags for s in held_out])
+    assert scores.f1 >= TAG_F1_MIN, scores
+
+
+def test_boxes_with_the_right_phrase(pipeline, held_out):
+    detections = [pipeline.detector.detect(s.image, s.tags) for s in held_out]
+    scores = evaluate.box_scores(detections, held_out)
+    assert scores.recall >= BOX_RECALL_MIN and scores.precision >= BOX_PRECISION_MIN, scores
+
+
+def test_masks_from_true_boxes(pipeline, held_out):
+    ious = []
+    for scene in held_out:
+        masks = pipeline.segmenter.segment(scene.image, [o.box for o in scene.objects])
+        assert masks.shape == (len(scene.objects), scene.image.height, scene.image.width)
+        ious += [evaluate.mask_iou(m, o.mask) for m, o in zip(masks, scene.objects)]
+    assert np.mean(ious) >= MASK_IOU_FROM_TRUE_BOXES_MIN, np.mean(ious)
+
+
+def end_to_end_mask_iou(entities: list[Entity], scene: GroundingScene) -> list[float]:
+    """Per true object: the best IoU of a mask of an entity with its label (0 when none)."""
+    ious = []
+    for obj in scene.objects:
+        masks = [decode_mask(m) for e in entities if e.label == obj.kind for m in e.masks]
+        ious.append(max((evaluate.mask_iou(m, obj.mask) for m in masks), default=0.0))
+    return ious
+
+
+def test_masks_end_to_end(grounded, held_out):
+    ious = [iou for entities, scene in zip(grounded, held_out) for iou in end_to_end_mask_iou(entities, scene)]
+    assert np.mean(ious) >= MASK_IOU_END_TO_END_MIN, np.mean(ious)
+
+
+def test_entities_are_well_formed(grounded, held_out):
+    for entities, scene in zip(grounded, held_out):
+        assert [e.id for e in entities] == list(range(len(entities)))
+        assert [e.colour for e in entities] == [entity_colour(i) for i in range(len(entities))]
+        for entity in entities:
+            assert len(entity.boxes) == len(entity.masks) >= 1
+            for box, rle in zip(entity.boxes, entity.masks):
+                x0, y0, x1, y1 = box
+                assert 0 <= x0 < x1 <= scene.image.width and 0 <= y0 < y1 <= scene.image.height
+                assert rle["size"] == [scene.image.height, scene.image.width] and isinstance(rle["counts"], str)
+        json.dumps([e.to_dict() for e in entities])
+
+
+# --- geometry: other sizes, mirrored, transposed -----------------------------------------------------
+
+
+def transformed(scene: GroundingScene, size: tuple[int, int] | None = None, mirror: bool = False) -> GroundingScene:
+    """The scene mirrored left-right and/or resized to `size` (w, h), its truth moved along."""
+    image, objects = scene.image, scene.objects
+    if mirror:
+        w = image.width
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        objects = [SceneObject(o.kind, o.colour, (w - o.box[2], o.box[1], w - o.box[0], o.box[3]), o.mask[:, ::-1].copy())
+                   for o in objects]  # fmt: skip
+    if size is not None:
+        sx, sy = size[0] / image.width, size[1] / image.height
+        image = image.resize(size, Image.BILINEAR)
+        objects = [SceneObject(o.kind, o.colour, (o.box[0] * sx, o.box[1] * sy, o.box[2] * sx, o.box[3] * sy),
+                               np.asarray(Image.fromarray(o.mask).resize(size, Image.NEAREST)))
+                   for o in objects]  # fmt: skip
+    return GroundingScene(scene.image_id, image, objects)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(size=(480, 200)), dict(size=(150, 390)), dict(size=(900, 700)), dict(size=(140, 110)), dict(mirror=True)],
+    ids=["wide", "tall", "large", "small", "mirrored"],
+)
+def test_geometry_on_other_sizes_and_orientations(pipeline, held_out, variant):
+    """Boxes and masks follow the image: a swapped axis or a scale taken from the wrong image would
+    put them elsewhere on these non-square images and fail."""
+    scenes = [transformed(s, **variant) for s in held_out[:20]]
+    detections = [pipeline.detector.detect(s.image, s.tags) for s in scenes]
+    scores = evaluate.box_scores(detections, scenes)
+    assert scores.recall >= BOX_RECALL_MIN - 0.1 and scores.precision >= BOX_PRECISION_MIN - 0.1, scores
+    ious = []
+    for scene in scenes[:8]:
+        masks = pipeline.segmenter.segment(scene.image, [o.box for o in scene.objects])
+        assert masks.shape[1:] == (scene.image.height, scene.image.width)
+        ious += [evaluate.mask_iou(m, o.mask) for m, o in zip(masks, scene.objects)]
+    assert np.mean(ious) >= MASK_IOU_FROM_TRUE_BOXES_MIN - 0.1, np.mean(ious)
+
+
+# --- result format and the annotated picture ----------------------------------------------------------
+
+
+def test_palette_does_not_repeat_before_twenty_entities():
+    assert len({entity_colour(i) for i in range(20)}) == 20
+    assert len(set(PALETTE)) == len(PALETTE) >= 20
+
+
+def test_rle_round_trip_and_json():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 53)) > 0.5
+    rle = encode_mask(mask)
+    assert rle["size"] == [37, 53] and isinstance(rle["counts"], str)
+    np.testing.assert_array_equal(decode_mask(json.loads(json.dumps(rle))), mask)
+    entity = Entity(0, "circle", "#F3C300", [[1.0, 2.0, 3.0, 4.0]], [rle], 0.9, ["red"])
+    result = GroundingResult((53, 37), [entity], [AnswerSpan(4, 10, "circle", 0)])
+    data = json.loads(json.dumps(result.to_dict()))
+    assert Entity.from_dict(data["entities"][0]) == entity and AnswerSpan.from_dict(data["spans"][0]).text == "circle"
+
+
+def test_build_entities_groups_by_label_and_colour():
+    from bubogpt.grounding.detector import Detection
+
+    image = np.full((40, 60, 3), 128, np.uint8)
+    masks = np.zeros((3, 40, 60), bool)
+    for i, (x, rgb) in enumerate([(0, (220, 40, 40)), (20, (40, 80, 220)), (40, (225, 45, 35))]):
+        image[5:15, x:x + 10] = rgb
+        masks[i, 5:15, x:x + 10] = True
+    detections = [Detection("circle", (0, 5, 10, 15), 0.5), Detection("circle", (20, 5, 30, 15), 0.9),
+                  Detection("circle", (40, 5, 50, 15), 0.7)]  # fmt: skip
+    entities = build_entities(image, detections, masks)
+    # The blue circle scores best; both red circles form one entity, best box first.
+    assert [(e.label, e.attributes, e.score, len(e.boxes)) for e in entities] == [
+        ("circle", ["blue"], 0.9, 1), ("circle", ["red"], 0.7, 2)]
+    assert entities[1].boxes[0] == [40, 5, 50, 15]
+    assert colour_name(image, np.zeros((40, 60), bool)) is None
+
+
+def test_annotated_image_draws_masks_boxes_and_labels_in_the_entity_colour():
+    image = Image.new("RGB", (300, 200), (128, 128, 128))
+    mask = np.zeros((200, 300), bool)
+    mask[60:140, 100:200] = True
+    entity = Entity(0, "square", "#0067A5", [[100.0, 60.0, 200.0, 140.0]], [encode_mask(mask)], 0.87, ["grey"])
+    out = np.asarray(annotate_image(image, [entity])).astype(int)
+    colour = np.array(hex_to_rgb("#0067A5"))
+    blended = np.round((1 - MASK_ALPHA) * 128 + MASK_ALPHA * colour)
+    np.testing.assert_allclose(out[100, 150], blended, atol=1)  # inside the mask
+    np.testing.assert_array_equal(out[190, 20], [128, 128, 128])  # untouched outside
+    line, _ = drawing_sizes(300, 200)
+    assert (out[100, 100:100 + line] == colour).all()  # the box's left edge
+    assert (out[40:60, 100:130] == colour).all(axis=-1).sum() > 50  # the label's background above the box
+    assert drawing_sizes(3000, 2000)[0] > drawing_sizes(300, 200)[0]
+    assert drawing_sizes(3000, 2000)[1] > drawing_sizes(300, 200)[1]
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def test_bubogpt_ground_prints_entities_and_spans_and_writes_the_png(held_out, tmp_path, capsys):
+    from workflows.cli import main
+
+    scene = next(s for s in held_out if len(s.objects) >= 2)
+    path = tmp_path / "scene.jpg"
+    scene.image.save(path, quality=95)
+    first, second = scene.objects[:2]
+    plural = second.kind + ("es" if second.kind.endswith("s") else "s")
+    answer = f"I see a {first.colour} {first.kind} and two {plural}; no hexagram."
+    assert main(["ground", str(path), "--text", answer, "--out", str(tmp_path / "out.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    labels = {e["id"]: e["label"] for e in result["entities"]}
+    assert {first.kind, second.kind} <= set(labels.values())
+    linked = {(s["text"], labels[s["entity_id"]]) for s in result["spans"]}
+    assert linked == {(f"{first.colour} {first.kind}", first.kind), (plural, second.kind)}
+    for span in result["spans"]:
+        assert answer[span["start"]:span["end"]] == span["text"]
+    png = Image.open(tmp_path / "out.png")
+    assert png.format == "PNG" and png.size == scene.image.size
+
+
+def test_bubogpt_ground_rejects_a_bad_image(tmp_path, capsys):
+    from workflows.cli import main
+
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    assert main(["ground", str(tmp_path / "bad.png"), "--text", "a circle"]) == 2
+    assert "bad.png" in capsys.readouterr().err
+
+
+def test_shipped_assets_are_small_and_documented():
+    files = [p for p in TINY_ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
+    readme = (TINY_ASSETS / "README.md").read_text()
+    assert "bubogpt train --stage grounding" in readme and "--seed" in readme

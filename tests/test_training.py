@@ -1,0 +1,374 @@
+"""The training recipe's pieces (bubogpt/training.py, checkpoints/training_state.py), without Ray."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bubogpt.checkpoints.training_state import (
+    CheckpointError,
+    TrainState,
+    latest_checkpoint,
+    load_optimizer_state,
+    read_model,
+    read_state,
+    save_checkpoint,
+    write_model,
+)
+from bubogpt.config import tiny
+from bubogpt.conversation import ModalitySlot, prompt_modalities
+from bubogpt.modeling_bubogpt import IGNORE_INDEX, BuboGPT
+from bubogpt.tokenizer import build_tiny_tokenizer
+from bubogpt.training import (
+    SHARED_INSTRUCTION_SETS,
+    SOUND_SOURCE_INSTRUCTIONS,
+    CollateError,
+    RatioMixer,
+    TrainConfig,
+    TrainConfigError,
+    apply_lora,
+    build_optimizer,
+    build_scheduler,
+    collate,
+    configure_trainable,
+    learning_rate,
+    parameter_groups,
+    resolve_stages,
+    stage_configs,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(**overrides) -> TrainConfig:
+    fields = dict(
+        stage="stage2", datasets={"llava_instruct": 1.0}, prompt_style="instruction", batch_size=2,
+        lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=10, max_steps=110, max_txt_len=32,
+    )  # fmt: skip
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from bubogpt.data.vocab import sample_texts
+
+    return build_tiny_tokenizer(sample_texts(), vocab_size=512)
+
+
+@pytest.fixture()
+def model(tokenizer):
+    torch.manual_seed(0)
+    return BuboGPT.build(tiny(), tokenizer)
+
+
+# --- schedule -------------------------------------------------------------------------------------
+
+
+def test_warmup_is_linear_from_warmup_start_then_cosine_to_min():
+    config = make_config()
+    lrs = [learning_rate(s, config) for s in range(config.max_steps + 1)]
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[5] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 5 / 10)  # halfway through warm-up
+    assert lrs[10] == pytest.approx(1e-3)  # peak at the end of warm-up
+    assert lrs[60] == pytest.approx((1e-3 + 1e-4) / 2)  # cosine halfway: the mean of peak and floor
+    assert lrs[110] == pytest.approx(1e-4)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))  # rising during warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # falling afterwards
+    assert learning_rate(500, config) == pytest.approx(1e-4)  # stays at the floor past max_steps
+
+
+def test_scheduler_drives_the_optimizer_along_the_schedule(model):
+    config = make_config(max_steps=30, warmup_steps=5)
+    configure_trainable(model, config)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    seen = []
+    for _ in range(30):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([learning_rate(s, config) for s in range(30)])
+    assert len(optimizer.param_groups) == 2
+    assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]  # both groups follow it
+
+
+# --- weight decay groups --------------------------------------------------------------------------
+
+
+def test_weight_decay_only_on_matrices_of_trainable_parameters(model):
+    config = make_config(train_qformers=True)
+    trainable = configure_trainable(model, config)
+    decay, no_decay = parameter_groups(model, 0.05)
+    named = dict(model.named_parameters())
+    decay_ids = {id(p) for p in decay["params"]}
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    for name in trainable:
+        p = named[name]
+        assert (id(p) in decay_ids) == (p.ndim >= 2), name
+        assert (id(p) in no_decay_ids) == (p.ndim < 2), name
+    assert len(decay_ids) + len(no_decay_ids) == len(trainable)  # frozen ones are in no group
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    # Both kinds are really there: Linear weights and the 3-D query tokens decay; biases and norms do not.
+    assert id(named["joiner.qformers.vision.query_tokens"]) in decay_ids
+    assert id(named["joiner.projections.vision.fc.bias"]) in no_decay_ids
+
+
+def test_adamw_step_with_zero_gradients_decays_only_the_decay_group(model):
+    config = make_config(lr=0.1, weight_decay=0.5)
+    configure_trainable(model, config)
+    optimizer = build_optimizer(model, config)
+    weight = model.joiner.projections.vision.fc.weight
+    bias = model.joiner.projections.vision.fc.bias
+    with torch.no_grad():
+        bias.fill_(1.0)
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.allclose(weight, w0 * (1 - 0.1 * 0.5))  # decoupled decay: w <- w (1 - lr wd)
+    assert torch.equal(bias, b0)
+
+
+# --- what trains ----------------------------------------------------------------------------------
+
+
+def test_reference_stages_train_what_the_model_says(model):
+    # The model's own `set_trainable` (modeling_bubogpt.py) is the independent statement of the recipe.
+    for stage, qformers in (("stage1", False), ("stage2", False), ("stage2", True)):
+        expected = model.set_trainable(stage, train_qformers=qformers)
+        got = configure_trainable(model, make_config(stage=stage, train_qformers=qformers))
+        assert got == expected
+
+
+def test_tiny_only_flags_add_encoders_and_llm(model):
+    names = configure_trainable(model, make_config(stage="stage1", train_audio_encoder=True))
+    assert any(n.startswith("audio_encoder.") for n in names)
+    assert not any(n.startswith(("vision_encoder.", "llm.", "joiner.qformers.vision")) for n in names)
+    names = configure_trainable(model, make_config(stage="lm_warmup", prompt_style="text"))
+    assert names and all(n.startswith("llm.") for n in names)
+    names = configure_trainable(model, make_config(stage="vision_align", train_vision_encoder=True, train_llm=True))
+    prefixes = {n.split(".")[0] if not n.startswith("joiner") else ".".join(n.split(".")[:3]) for n in names}
+    assert prefixes == {"vision_encoder", "llm", "joiner.qformers.vision", "joiner.projections.vision"}
+
+
+def test_presets_follow_the_reference_and_keep_tiny_stages_tiny():
+    seven = stage_configs("7b")
+    assert list(seven) == ["stage1", "stage2"]
+    s1, s2 = seven["stage1"], seven["stage2"]
+    # BUBOGPT_REFERENCE.md, "Training recipe"
+    assert (s1.lr, s1.min_lr, s1.warmup_start_lr, s1.warmup_steps, s1.batch_size) == (1e-4, 8e-5, 1e-6, 5000, 64)
+    assert (s2.lr, s2.min_lr, s2.warmup_start_lr, s2.batch_size) == (3e-5, 1e-5, 1e-6, 12)
+    assert s1.max_steps == 4 * 5000 and s2.max_steps == 10 * 5000
+    assert (s1.max_txt_len, s2.max_txt_len) == (128, 196)
+    assert s2.datasets == {"cc_sbu_align": 3, "llava_instruct": 150, "clotho": 4, "vggss": 5, "negative_pairs": 3}
+    assert s1.prompt_style == "caption" and s2.prompt_style == "instruction"
+    for config in seven.values():
+        assert not (config.train_llm or config.train_vision_encoder or config.train_audio_encoder or config.lora)
+    assert list(stage_configs("tiny"))[:2] == ["lm_warmup", "vision_align"]
+    with pytest.raises(TrainConfigError, match="tiny-only"):
+        resolve_stages("7b", "lm_warmup")
+    with pytest.raises(TrainConfigError, match="tiny-preset options"):
+        resolve_stages("13b", "stage2", {"stage2": {"train_llm": True}})
+    with pytest.raises(TrainConfigError, match="unknown TrainConfig fields"):
+        resolve_stages("tiny", "all", {"stage2": {"learning_rate": 1.0}})
+
+
+def test_bad_configs_are_refused_with_the_field_named():
+    with pytest.raises(TrainConfigError, match="min_lr"):
+        make_config(min_lr=1.0)
+    with pytest.raises(TrainConfigError, match="positive sample ratios"):
+        make_config(datasets={"vggss": 0.0})
+    with pytest.raises(TrainConfigError, match="batch_size"):
+        make_config(batch_size=0)
+
+
+# --- dataset mixing -------------------------------------------------------------------------------
+
+
+def test_ratio_mixing_frequencies_follow_the_ratios():
+    ratios = {"cc_sbu_align": 3, "llava_instruct": 150, "clotho": 4, "vggss": 5, "negative_pairs": 3}
+    mixer = RatioMixer(ratios, seed=1)
+    n = 20000
+    picks = [mixer.choose(step) for step in range(n)]
+    total = sum(ratios.values())
+    for name, ratio in ratios.items():
+        p = ratio / total
+        observed = picks.count(name) / n
+        assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / n), (name, observed, p)
+    # The same step picks the same dataset in another worker or after a restart.
+    again = RatioMixer(ratios, seed=1)
+    assert [again.choose(step) for step in range(5000, 5100)] == picks[5000:5100]
+    assert [RatioMixer(ratios, seed=2).choose(s) for s in range(200)] != picks[:200]
+
+
+# --- collation ------------------------------------------------------------------------------------
+
+
+def _row(dataset, image=False, audio=False, instruction="", answer="An answer."):
+    g = torch.Generator().manual_seed(hash((dataset, instruction)) % 1000)
+    return {
+        "dataset": dataset, "id": f"{dataset}-{instruction}", "instruction": instruction, "answer": answer,
+        "pixel_values": torch.randn(3, 112, 112, generator=g).numpy() if image else None,
+        "fbank": torch.randn(3, 1, 128, 204, generator=g).numpy() if audio else None,
+    }  # fmt: skip
+
+
+def test_collate_builds_compact_modality_tensors_in_prompt_order(model, tokenizer):
+    rows = [
+        _row("llava_instruct", image=True, instruction="What colour is the star?", answer="It is red."),
+        _row("clotho", audio=True, answer="A steady tone."),
+        _row("vggss", image=True, audio=True, instruction="Where is the sound from?", answer="The red star."),
+        _row("cc_sbu_align", image=True, answer="A picture of a blue circle."),
+    ]
+    batch = collate(rows, "instruction", np.random.default_rng(0))
+    assert [prompt_modalities(p) for p in batch.prompts] == [["vision"], ["audio"], ["vision", "audio"], ["vision"]]
+    assert batch.image.shape == (3, 3, 112, 112) and batch.audio.shape == (2, 3, 1, 128, 204)
+    # Row order is kept: image rows 0, 2, 3 and audio rows 1, 2.
+    assert torch.equal(batch.image[1], torch.as_tensor(rows[2]["pixel_values"]))
+    assert torch.equal(batch.audio[0], torch.as_tensor(rows[1]["fbank"]))
+    assert "What colour is the star?" in "".join(s for s in batch.prompts[0] if isinstance(s, str))
+    assert batch.targets == [r["answer"] for r in rows]
+    out = model(**batch.model_inputs())
+    for i, target in enumerate(batch.targets):
+        supervised = out.labels[i][out.labels[i] != IGNORE_INDEX].tolist()
+        assert supervised == tokenizer(target + "###", add_special_tokens=False).input_ids
+
+
+def test_collate_prompt_styles():
+    rng = np.random.default_rng(0)
+    caption = collate([_row("wavcaps", audio=True, answer="A low buzz.")], "caption", rng)
+    assert caption.prompts == [[ModalitySlot("audio")]]  # stage 1: no instruction at all
+    text = collate([_row("llava_instruct", image=True, instruction="How many shapes?", answer="Two.")], "text", rng)
+    assert text.prompts == [[]] and text.image is None
+    assert text.targets == ["###Human: How many shapes? ###Assistant: Two."]
+    with pytest.raises(CollateError, match="neither image nor audio"):
+        collate([_row("clotho")], "instruction", rng)
+    with pytest.raises(CollateError, match="different shapes"):
+        bad = _row("cc_sbu_align", image=True)
+        bad["pixel_values"] = np.zeros((3, 64, 64), dtype=np.float32)
+        collate([_row("cc_sbu_align", image=True), bad], "instruction", rng)
+
+
+def test_matched_and_mismatched_pairs_share_their_instructions():
+    rng = np.random.default_rng(0)
+    seen = {name: set() for name in SHARED_INSTRUCTION_SETS}
+    for name in SHARED_INSTRUCTION_SETS:
+        own = f"own instruction of {name}"
+        for _ in range(80):
+            batch = collate([_row(name, image=True, audio=True, instruction=own)], "instruction", rng)
+            text = "".join(s for s in batch.prompts[0] if isinstance(s, str))
+            seen[name].add(next((i for i in (*SOUND_SOURCE_INSTRUCTIONS, own) if i in text)))
+    for name, instructions in seen.items():
+        assert set(SOUND_SOURCE_INSTRUCTIONS) <= instructions  # the shared pool is used ...
+        assert f"own instruction of {name}" in instructions  # ... and the record's own one
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_holds_the_whole_model_and_the_optimizer(model, tmp_path):
+    config = make_config(stage="stage2")
+    configure_trainable(model, config)  # only the projections train ...
+    optimizer = build_optimizer(model, config)
+    model(**collate([_row("vggss", image=True, audio=True, instruction="Where?")], "instruction",
+                    np.random.default_rng(0)).model_inputs()).loss.backward()  # fmt: skip
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "ckpt", model, TrainState("stage2", 7, config.to_dict(), [(7, 1.5)]), optimizer)
+    rebuilt = read_model(path / "model")
+    assert _state_equal(model, rebuilt)  # ... but the audio Q-Former, encoders and LLM are all there
+    state = read_state(path)
+    assert (state.stage, state.step, state.loss_history) == ("stage2", 7, [(7, 1.5)])
+    configure_trainable(rebuilt, config)
+    fresh = build_optimizer(rebuilt, config)
+    fresh.load_state_dict(load_optimizer_state(path))  # read with weights_only=True
+    assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert latest_checkpoint(tmp_path) == path
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from bubogpt.config import tiny
+from bubogpt.checkpoints.training_state import TrainState, save_checkpoint
+from bubogpt.modeling_bubogpt import BuboGPT
+from bubogpt.tokenizer import build_tiny_tokenizer
+config = tiny()
+config.llm.num_layers = 24  # a bigger LLM: the write takes long enough to be caught half-way
+model = BuboGPT.build(config, build_tiny_tokenizer(["a b c red circle"] * 20, vocab_size=300))
+print("ready", flush=True)
+sys.stdin.readline()
+while True:
+    save_checkpoint({target!r}, model, TrainState("stage1", 20))
+"""
+
+
+def test_a_killed_checkpoint_write_leaves_the_previous_one_usable(model, tmp_path):
+    previous = save_checkpoint(tmp_path / "step_000010", model, TrainState("stage1", 10))
+    target = tmp_path / "step_000020"
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER.format(repo=str(REPO), target=str(target))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        deadline = time.time() + 120
+        # Kill it while a write is in flight: a temporary sibling exists.
+        while not any(p.name.startswith(".step_000020.partial-") for p in tmp_path.iterdir()):
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.001)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".step_000020.partial-")]
+    assert leftovers  # the write really was cut off half-way ...
+    # ... and no half-written folder carries a checkpoint name: the latest usable one is intact.
+    best = latest_checkpoint(tmp_path)
+    assert best is not None
+    if best == target:  # the kill may land after a previous loop's rename: then that one is complete
+        assert read_state(target).step == 20
+        read_model(target / "model")
+    assert read_state(previous).step == 10
+    assert _state_equal(model, read_model(previous / "model"))
+    with pytest.raises(CheckpointError, match="not a complete"):
+        read_state(leftovers[0])
+
+
+def test_lora_trains_adapters_only_and_round_trips(model, tmp_path):
+    from bubogpt.training import LoraSettings
+
+    config = make_config(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    apply_lora(model, config.lora)
+    names = configure_trainable(model, config)
+    assert any("lora_" in n for n in names)
+    assert not any(n.startswith("llm.") and "lora_" not in n for n in names)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # non-zero adapters: they change the output
+    batch = collate([_row("llava_instruct", image=True, instruction="What?")], "instruction", np.random.default_rng(0))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch.model_inputs()).logits
+    write_model(model, tmp_path / "m", include_llm=True)
+    rebuilt = read_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(**batch.model_inputs()).logits, expected, atol=1e-5)
+        rebuilt.llm = rebuilt.llm.merge_and_unload()  # what the export does
+        assert torch.allclose(rebuilt(**batch.model_inputs()).logits, expected, atol=1e-4)

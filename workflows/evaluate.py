@@ -1,0 +1,190 @@
+"""`bubogpt eval`: a trained model on the held-out splits of a prepared corpus, one fixed decoding.
+
+    bubogpt eval --model DIR --data PREPARED [--json FILE] [--compare DIR2] [--limit N]
+                 [--tracking-uri URI]
+
+Each eval row gets one prompt (the same for every model): image QA rows their own question; audio
+rows (clotho, wavcaps) `EVAL_INSTRUCTIONS["sound"]`; image + audio rows (vggss, negative_pairs) one
+shared question, `EVAL_INSTRUCTIONS["source"]`, so only the image and the sound can tell a matched
+pair from a mismatched one. Greedy decoding, at most `MAX_NEW_TOKENS` tokens. Answers are scored
+from the ground truth in `meta` (bubogpt/evaluation.py). The `Evaluator` (a callable class that loads the
+model once) runs in this process, or as a Ray Data `map_batches` actor with `--ray`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bubogpt.conversation import instruction_prompt
+from bubogpt.evaluation import EvalReport, format_table, meets_target
+from bubogpt.training import EVAL_INSTRUCTIONS
+from workflows.data.prepared import decode_row_tensors, read_manifest, shard_paths
+
+EVAL_DATASETS = ("llava_instruct", "clotho", "wavcaps", "vggss", "negative_pairs")
+MAX_NEW_TOKENS = 80
+BATCH_SIZE = 32
+
+
+def eval_prompt(dataset: str, instruction: str, modalities: list[str]):
+    if dataset == "llava_instruct":
+        return instruction_prompt(modalities, instruction)
+    if dataset in ("clotho", "wavcaps"):
+        return instruction_prompt(modalities, EVAL_INSTRUCTIONS["sound"])
+    return instruction_prompt(modalities, EVAL_INSTRUCTIONS["source"])
+
+
+class Evaluator:
+    """Loads a model once; called on a batch {column: array} it adds an `answer` column."""
+
+    def __init__(self, model_dir: str, manifest: dict, device: str = "cpu", threads: int | None = None):
+        from bubogpt.checkpoints.training_state import read_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = read_model(model_dir, trainable_lora=False).to(device).eval()
+        self.manifest = manifest
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        prompts, images, audio = [], [], []
+        for row in rows:
+            tensors = decode_row_tensors(row, self.manifest)
+            modalities = []
+            if tensors.get("pixel_values") is not None:
+                modalities.append("vision")
+                images.append(tensors["pixel_values"])
+            if tensors.get("fbank") is not None:
+                modalities.append("audio")
+                audio.append(tensors["fbank"])
+            prompts.append(eval_prompt(row["dataset"], row["instruction"], modalities))
+        answers = self.model.generate(
+            prompts,
+            image=torch.stack(images).to(self.device) if images else None,
+            audio=torch.stack(audio).to(self.device) if audio else None,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            num_beams=1,
+        )
+        return {
+            "dataset": batch["dataset"],
+            "id": batch["id"],
+            "meta": batch["meta"],
+            "answer": np.array(answers, dtype=object),
+        }
+
+
+def evaluate_model(
+    model_dir: str | Path, data_dir: str | Path, limit: int | None = None, datasets: tuple[str, ...] = EVAL_DATASETS,
+    examples: int = 400, use_ray: bool = False,
+) -> EvalReport:
+    """Generate and score every eval row (at most `limit` per dataset).
+
+    In this process by default; `use_ray` maps the `Evaluator` over Ray Data (one actor), for
+    corpora whose eval splits are large."""
+    manifest = read_manifest(data_dir)
+    report = EvalReport()
+    started = time.time()
+    evaluator = None if use_ray else Evaluator(str(model_dir), manifest)
+    for dataset in datasets:
+        paths = [str(p) for p in shard_paths(data_dir, dataset, "eval")]
+        if use_ray:
+            import ray.data
+
+            rows = ray.data.read_parquet(paths)
+            rows = rows.limit(limit) if limit else rows
+            answered = rows.map_batches(
+                Evaluator,
+                fn_constructor_kwargs={"model_dir": str(model_dir), "manifest": manifest},
+                batch_size=BATCH_SIZE, batch_format="numpy", concurrency=1,
+            ).take_all()  # fmt: skip
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.concat_tables(pq.read_table(p) for p in paths)
+            table = table.slice(0, limit) if limit else table
+            answered = []
+            for start in range(0, table.num_rows, BATCH_SIZE):
+                batch = table.slice(start, BATCH_SIZE).to_pydict()
+                out = evaluator({k: np.array(v, dtype=object) for k, v in batch.items()})
+                answered += [dict(zip(out, values)) for values in zip(*out.values())]
+        for row in answered:
+            report.add_row(row["dataset"], json.loads(row["meta"]), row["answer"], keep_example=len(report.examples) < examples)
+        print(f"[bubogpt eval] {dataset}: {len(answered)} rows scored ({time.time() - started:.0f} s so far)", flush=True)
+    return report
+
+
+def report_json(report: EvalReport, model_dir: str | Path) -> dict[str, Any]:
+    metrics = report.metrics()
+    return {
+        "model": str(model_dir),
+        "decoding": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_NEW_TOKENS},
+        "instructions": dict(EVAL_INSTRUCTIONS),
+        "metrics": metrics,
+        "counts": report.counts(),
+        "targets_met": {m: meets_target(m, v) for m, v in metrics.items() if meets_target(m, v) is not None},
+        "examples": report.examples,
+    }
+
+
+def log_evaluation(report: EvalReport, tracker, json_path: str | Path | None = None, run_id: str | None = None,
+                   model_dir: str | Path = "") -> dict[str, Any]:  # fmt: skip
+    """Print the table, write the JSON, log the metrics (`eval_*`) and examples to the tracker."""
+    data = report_json(report, model_dir)
+    print(format_table({"model": data["metrics"]}, data["counts"]), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=2))
+    tracker.log_metrics({f"eval_{k}": v for k, v in data["metrics"].items()}, 0, run_id)
+    tracker.log_text(json.dumps(data, indent=2), "eval/eval.json", run_id)
+    tracker.log_text(json.dumps(report.examples[:50], indent=2), "eval/sample_generations.json", run_id)
+    return data
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from workflows.tracking import MlflowTracker
+
+    if args.ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.address)
+    models = {"model": args.model}
+    if args.compare:
+        models["compare"] = args.compare
+    results = {name: evaluate_model(path, args.data, limit=args.limit, use_ray=args.ray) for name, path in models.items()}
+    columns = {Path(path).resolve().parent.name + "/" + Path(path).name: results[name].metrics() for name, path in models.items()}
+    print(format_table(columns), flush=True)
+    output = {name: report_json(results[name], path) for name, path in models.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(output if args.compare else output["model"], indent=2))
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        tracker = MlflowTracker.start_job(uri, "eval", {"model": args.model, "compare": args.compare or "", "data": args.data})
+        for name, path in models.items():
+            run = tracker.start_stage(f"eval:{name}", {"model": path})
+            log_evaluation(results[name], tracker, None, run, path)
+            tracker.end_run(run)
+        tracker.end_run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workflows.cli import add_eval_arguments
+
+    parser = argparse.ArgumentParser(prog="bubogpt eval")
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

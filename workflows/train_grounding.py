@@ -1,0 +1,86 @@
+"""`bubogpt train --stage grounding`: train the tiny tagger, segmenter and detector with Ray Train.
+
+The loops, losses, calibration and asset writing are plain PyTorch in
+`bubogpt.grounding.training.train_tiny_grounding`; this file is the Ray glue: one `TorchTrainer`
+worker runs it (the three models are small and trained one after another, so one worker with all
+the node's threads beats splitting them), reports its log lines and final scores through
+`ray.train.report`, and hands the assets back as a Ray checkpoint, which the driver copies to
+`OUT/grounding_tiny/`.
+
+`args` (an argparse namespace; only `out` is required):
+    out                 output folder
+    seed                recipe seed (default 0)
+    grounding_config    JSON file of `GroundingTrainingConfig` fields to override (default: none)
+    address             Ray cluster address (default: start a local Ray)
+    use_gpu             train on one GPU (default: False)
+    threads             CPU threads for the worker (default: 2)
+    data_workers        processes drawing scenes (default: 0; what is drawn does not depend on it)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from bubogpt.grounding.training import GroundingTrainingConfig, train_tiny_grounding
+
+    torch.set_num_threads(loop_config["threads"])
+    config = GroundingTrainingConfig.from_dict(loop_config["config"])
+    device = ray.train.torch.get_device()
+    rank_zero = ray.train.get_context().get_world_rank() == 0
+
+    def log(phase: str, step: int, metrics: dict[str, float]) -> None:
+        if rank_zero:
+            print(json.dumps({"phase": phase, "step": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scores = train_tiny_grounding(config, scratch, device, log)
+        checkpoint = ray.train.Checkpoint.from_directory(Path(scratch) / "grounding_tiny")
+        ray.train.report({f"validation_{k}": v for k, v in scores.items()}, checkpoint=checkpoint)
+
+
+def run_grounding_training(args) -> dict[str, float]:
+    """Train, then copy the assets to `args.out/grounding_tiny`; returns the validation scores."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bubogpt.grounding.training import GroundingTrainingConfig
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    overrides_path = getattr(args, "grounding_config", None)
+    overrides = json.loads(Path(overrides_path).read_text()) if overrides_path else {}
+    config = GroundingTrainingConfig.from_dict(
+        {**overrides, "seed": getattr(args, "seed", 0), "data_workers": getattr(args, "data_workers", 0)}
+    )
+    threads = getattr(args, "threads", 2)
+    use_gpu = bool(getattr(args, "use_gpu", False))
+    if not ray.is_initialized():
+        ray.init(address=getattr(args, "address", None), include_dashboard=False)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": config.to_dict(), "threads": threads},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
+        run_config=RunConfig(name="grounding", storage_path=str(out / "ray_results")),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    target = out / "grounding_tiny"
+    if target.exists():
+        shutil.rmtree(target)
+    result.checkpoint.to_directory(str(target))
+    scores = {k.removeprefix("validation_"): v for k, v in result.metrics.items() if k.startswith("validation_")}
+    (out / "grounding_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
