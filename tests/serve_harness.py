@@ -54,15 +54,23 @@ def build_tiny_model_dir(directory: Path) -> Path:
     return save_model(model, directory)
 
 
-TALKING_ANSWER = "I see a circle, a square and a triangle."
+# What the tuned tiny model says, by the set of media it is given.
+TALKING_ANSWERS = {
+    (): "Hello, ask me about a picture or a sound.",
+    ("vision",): "I see a circle, a square and a triangle.",
+    ("audio",): "I hear a steady tone.",
+    ("vision", "audio"): "The tone comes from the circle on the left.",
+}
+TALKING_ANSWER = TALKING_ANSWERS[("vision",)]
 
 
-def build_talking_model_dir(directory: Path, max_steps: int = 150) -> Path:
-    """The seed-0 tiny model with its LLM fine-tuned to name shapes whatever it is asked.
+def build_talking_model_dir(directory: Path, max_steps: int = 200) -> Path:
+    """The seed-0 tiny model with its LLM fine-tuned to name shapes, one answer per set of media.
 
     A random tiny model answers "plain plain ..." and never mentions an entity, so nothing in its
-    answers could be grounded or highlighted (the web page test needs spans). The serving tests
-    compare the server with this same directory, so what it says does not matter to them.
+    answers could be grounded or highlighted (the web page test needs spans), and every set of
+    media would get the same answer. The serving tests compare the server with this same
+    directory, so the exact words do not matter to them.
     """
     from bubogpt.checkpoints.native import save_model
     from bubogpt.config import tiny
@@ -76,30 +84,34 @@ def build_talking_model_dir(directory: Path, max_steps: int = 150) -> Path:
     model = BuboGPT.build(tiny(), build_tiny_tokenizer(sample_texts()))
     vision = encode_image(model, image_bytes(scene(0).pixels), 10**7)
     audio = encode_audio(model, sound_bytes("tone"), 30.0)
-    prompts, n_vision, n_audio = [], 0, 0
-    questions = ["What shapes are in the picture?", "Describe the image.",
-                 "Which objects can you see, and what colour are they?", "Hello"]
-    for question in questions:
-        for modalities in [("vision",), ("vision", "audio"), ()]:
-            conversation = Conversation()
-            conversation.add_user(question, modalities)
-            prompts.append(conversation.render())
-            n_vision += "vision" in modalities
-            n_audio += "audio" in modalities
+
+    def batch(questions):
+        prompts, targets, n_vision, n_audio = [], [], 0, 0
+        for question in questions:
+            for modalities, answer in TALKING_ANSWERS.items():
+                conversation = Conversation()
+                conversation.add_user(question, modalities)
+                prompts.append(conversation.render())
+                targets.append(answer)
+                n_vision += "vision" in modalities
+                n_audio += "audio" in modalities
+        return prompts, targets, torch.cat([vision] * n_vision), torch.cat([audio] * n_audio)
+
+    prompts, targets, vision_tokens, audio_tokens = batch(
+        ["What shapes are in the picture?", "Describe the image.", "Describe it.",
+         "Which objects can you see, and what colour are they?", "Hello"])
+    probe = batch(["Describe it."])
     optimizer = torch.optim.AdamW(model.llm.parameters(), lr=3e-3)
-    probe = Conversation()
-    probe.add_user("What shapes are in the picture?", ("vision", "audio"))
     for step in range(max_steps):
         model.train()
-        loss = model(prompts, [TALKING_ANSWER] * len(prompts), vision_tokens=torch.cat([vision] * n_vision),
-                     audio_tokens=torch.cat([audio] * n_audio)).loss
+        loss = model(prompts, targets, vision_tokens=vision_tokens, audio_tokens=audio_tokens).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 10 == 9:
             model.eval()
-            answer = model.generate([probe.render()], vision_tokens=vision, audio_tokens=audio, max_new_tokens=16)[0]
-            if answer == TALKING_ANSWER:
+            answers = model.generate(probe[0], vision_tokens=probe[2], audio_tokens=probe[3], max_new_tokens=16)
+            if answers == probe[1]:
                 break
     model.eval()
     return save_model(model, directory)
