@@ -64,7 +64,7 @@ TALKING_ANSWERS = {
 TALKING_ANSWER = TALKING_ANSWERS[("vision",)]
 
 
-def build_talking_model_dir(directory: Path, max_steps: int = 200) -> Path:
+def build_talking_model_dir(directory: Path, max_steps: int = 100) -> Path:
     """The seed-0 tiny model with its LLM fine-tuned to name shapes, one answer per set of media.
 
     A random tiny model answers "plain plain ..." and never mentions an entity, so nothing in its
