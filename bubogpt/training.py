@@ -159,11 +159,14 @@ def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
 
 
 def tiny_stage_configs() -> dict[str, TrainConfig]:
-    """The quickstart recipe of the tiny preset: every stage in minutes on 2 CPU cores.
+    """The quickstart recipe of the tiny preset: all stages within 15 minutes on 2 CPU cores
+    (measured on the medium corpus: 14.8 min with Ray start-up, on 2 cores shared with other jobs
+    at load average 5-17; results in benchmarks/train_quickstart.md).
 
     Nothing of the tiny model is pretrained, so the two tiny-only stages come first, and stage 1/2
-    also train the encoders' and the LLM's stand-ins where the real model brings them trained.
-    Learning rates are ~10-30x the reference: tiny randomly initialised modules, few steps.
+    also train the encoders' and the LLM's stand-ins where the real model brings them trained; the
+    starting model has the spatial prior of `init_spatial_prior`. Learning rates are ~10-30x the
+    reference: tiny randomly initialised modules, few steps.
     """
     image_sets = {"cc_sbu_align": 1.0, "llava_instruct": 3.0}
     every_set = {"wavcaps": 2.0, "cc_sbu_align": 1.0, "llava_instruct": 2.0, "clotho": 1.0, "vggss": 1.0, "negative_pairs": 1.0}
@@ -173,26 +176,26 @@ def tiny_stage_configs() -> dict[str, TrainConfig]:
     return {
         "lm_warmup": TrainConfig(
             stage="lm_warmup", datasets=every_set, prompt_style="text", batch_size=32,
-            lr=3e-3, min_lr=3e-4, warmup_start_lr=1e-5, warmup_steps=10, max_steps=100,
-            max_txt_len=160, grad_clip=1.0, train_llm=True, log_every=10, checkpoint_every=50,
+            lr=3e-3, min_lr=3e-4, warmup_start_lr=1e-5, warmup_steps=10, max_steps=150,
+            max_txt_len=160, grad_clip=1.0, train_llm=True, log_every=10, checkpoint_every=75,
         ),
         "vision_align": TrainConfig(
             stage="vision_align", datasets=image_sets, prompt_style="instruction", batch_size=16,
-            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=20, max_steps=200,
+            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=50, max_steps=1000,
             max_txt_len=96, grad_clip=1.0, train_vision_encoder=True, train_llm=True,
-            use_precomputed_tokens=False, log_every=10, checkpoint_every=100,
+            use_precomputed_tokens=False, log_every=25, checkpoint_every=250,
         ),
         "stage1": TrainConfig(
             stage="stage1", datasets=dict(STAGE1_RATIOS), prompt_style="caption", batch_size=16,
-            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=15, max_steps=150,
+            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=20, max_steps=300,
             max_txt_len=64, grad_clip=1.0, train_audio_encoder=True, use_precomputed_tokens=False,
-            log_every=10, checkpoint_every=75,
+            log_every=25, checkpoint_every=150,
         ),
         "stage2": TrainConfig(
             stage="stage2", datasets=stage2_sets, prompt_style="instruction", batch_size=16,
-            lr=5e-4, min_lr=5e-5, warmup_start_lr=1e-5, warmup_steps=20, max_steps=300,
+            lr=5e-4, min_lr=5e-5, warmup_start_lr=1e-5, warmup_steps=40, max_steps=900,
             max_txt_len=96, grad_clip=1.0, train_qformers=True, train_llm=True,
-            use_precomputed_tokens=False, log_every=10, checkpoint_every=100,
+            use_precomputed_tokens=False, log_every=25, checkpoint_every=300,
         ),
     }  # fmt: skip
 
@@ -263,16 +266,62 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_tiny_model(seed: int = 0, vocab_size: int = 1024):
+def build_tiny_model(seed: int = 0, vocab_size: int = 1024, spatial_prior: bool = True):
     """A randomly initialised tiny BuboGPT with a byte-level BPE tokenizer trained on the corpus
-    vocabulary (`vocab.sample_texts`); deterministic for a seed."""
+    vocabulary (`vocab.sample_texts`); deterministic for a seed. `spatial_prior`: see
+    `init_spatial_prior` (tiny recipe only)."""
     from bubogpt.config import tiny
     from bubogpt.data.vocab import sample_texts
     from bubogpt.modeling_bubogpt import BuboGPT
     from bubogpt.tokenizer import build_tiny_tokenizer
 
     torch.manual_seed(seed)
-    return BuboGPT.build(tiny(), build_tiny_tokenizer(sample_texts(), vocab_size))
+    model = BuboGPT.build(tiny(), build_tiny_tokenizer(sample_texts(), vocab_size))
+    if spatial_prior:
+        init_spatial_prior(model)
+    return model
+
+
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) row and column coordinates -> (N, dim) [sin x, cos x, sin y, cos y] features, dim/4
+    frequencies each (MAE's 2-D position embedding). Two codes' dot product peaks where they meet."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    x, y = cols.float()[:, None] * omega, rows.float()[:, None] * omega
+    return torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=1)
+
+
+@torch.no_grad()
+def init_spatial_prior(model, sharpness: float = 1.5, position_scale: float = 2.0) -> None:
+    """Tiny recipe only: start the vision Q-Former's queries looking at different places.
+
+    A random vision encoder and Q-Former attend almost uniformly over the image tokens at first, so
+    every query returns about the image's mean and where things are (and which colour goes with
+    which place) is averaged away; learning to attend sharply from the LM loss alone is slow
+    (issue #4). Here: the encoder's position embedding becomes a 2-D sin-cos code, the Q queries are
+    the codes of a sqrt(Q) x sqrt(Q) grid of image places, and the first cross-attention's query and
+    key projections are `sharpness` x identity, so at step 0 each query attends around its own
+    place (code dot products peak where positions meet). Everything stays trainable. A pretrained
+    BLIP-2 (7b/13b) brings its own attention: this is never applied to them.
+    """
+    vision, qformer = model.vision_encoder, model.joiner.qformers["vision"]
+    dim, hidden = vision.config.embed_dim, qformer.config.hidden_size
+    if dim != hidden or dim % 4:
+        raise ValueError(f"the spatial prior needs the Q-Former width ({hidden}) to equal the encoder width ({dim}), a multiple of 4")
+    grid = vision.config.img_size // vision.config.patch_size
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    codes = sincos_2d(rows.flatten(), cols.flatten(), dim) * position_scale  # (grid * grid, D)
+    vision.pos_embed.copy_(torch.cat([torch.zeros(1, dim), codes])[None])  # CLS keeps a zero code
+    side = int(round(qformer.config.num_query_token**0.5))
+    if side * side != qformer.config.num_query_token:
+        raise ValueError(f"the spatial prior needs a square number of queries, got {qformer.config.num_query_token}")
+    places = torch.linspace(0.5, grid - 1.5, side)  # cell centres of a side x side grid over the patches
+    q_rows, q_cols = torch.meshgrid(places, places, indexing="ij")
+    qformer.query_tokens.copy_(sincos_2d(q_rows.flatten(), q_cols.flatten(), dim)[None])
+    cross = next(layer.cross_attn for layer in qformer.layers if layer.cross_attn is not None)
+    for projection in (cross.query, cross.key):
+        projection.weight.copy_(torch.eye(dim) * sharpness)
+        projection.bias.zero_()
 
 
 # --------------------------------------------------------------------------------------------------

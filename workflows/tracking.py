@@ -14,9 +14,7 @@ keeps its plain-file store in maintenance mode and refuses it unless opted in.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -198,11 +196,3 @@ def _loss_curve_pil(steps: list[int], losses: list[float], path: Path, title: st
         ]  # fmt: skip
         draw.line(points, fill="blue", width=2)
     image.save(path)
-
-
-def write_json_artifact(tracker: NullTracker, data: Any, name: str, run_id: str | None = None) -> None:
-    tracker.log_text(json.dumps(data, indent=2, default=str), name, run_id)
-
-
-def temp_dir() -> str:
-    return tempfile.mkdtemp(prefix="bubogpt-tracking-")

@@ -761,6 +761,9 @@ def run_training(args: argparse.Namespace) -> int:
         log(f"registered model bubogpt-{args.preset} version {version}")
         status = "FINISHED"
     finally:
+        if status != "FINISHED":
+            for run_id in locals().get("stage_runs", {}).values():
+                tracker.end_run(run_id, status="FAILED")
         tracker.end_run(status=status)
     return 0
 
