@@ -14,11 +14,12 @@ import torch
 from bubogpt.grounding.detector import build_tiny_grounding_dino
 from bubogpt.grounding.scenes import TAGS, GroundingScene, draw_scenes
 from bubogpt.grounding.training import (
+    DetectorBatch,
     LoopConfig,
     _Budget,
     detector_batch,
+    detector_loss,
     flip,
-    grounding_dino_loss,
     lr_factor,
 )
 
@@ -35,21 +36,35 @@ def test_detector_loss_of_a_mixed_batch_is_the_sum_of_its_images(tmp_path):
     """Captions with different numbers of phrases in one batch: each image's token targets must come
     from its own caption. The batched loss (a sum over boxes / all boxes) then equals the per-image
     losses weighted by their box counts. transformers' own criterion fails this (IndexError or wrong
-    targets), which is why `grounding_dino_loss` exists."""
+    targets), which is why `decoder_set_loss` uses a fixed one."""
     torch.manual_seed(0)
     model = build_tiny_grounding_dino(tmp_path, list(TAGS)).eval()
-    model.model.loss_function = grounding_dino_loss
     scenes = [_square(s) for s in draw_scenes(3, 3, "loss_test")]
     batch = detector_batch(scenes, np.random.default_rng(0), (128,), 224)
     assert len({c.count(".") for c in batch.captions}) > 1  # the captions differ in phrase count
     with torch.no_grad():
-        together = model(batch.pixel_values, batch.captions, pixel_mask=batch.pixel_mask, labels=batch.labels).loss_dict
-        singles = [model(batch.pixel_values[i : i + 1], batch.captions[i : i + 1], pixel_mask=batch.pixel_mask[i : i + 1],
-                         labels=batch.labels[i : i + 1]).loss_dict for i in range(3)]  # fmt: skip
+        _, together = detector_loss(model, batch)
+        singles = [detector_loss(model, DetectorBatch(batch.pixel_values[i : i + 1], batch.pixel_mask[i : i + 1],
+                                                      batch.captions[i : i + 1], batch.labels[i : i + 1]))[1]
+                   for i in range(3)]  # fmt: skip
     counts = [len(label["boxes"]) for label in batch.labels]
-    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_enc", "loss_ce_0"):
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_ce_enc", "loss_bbox_enc"):
         weighted = sum(single[key] * n for single, n in zip(singles, counts)) / sum(counts)
         torch.testing.assert_close(together[key], weighted, rtol=2e-4, atol=2e-4)
+
+
+def test_encoder_proposal_loss_trains_the_encoder_heads(tmp_path):
+    """transformers hands its loss detached encoder proposals; ours must reach the encoder's heads."""
+    torch.manual_seed(0)
+    model = build_tiny_grounding_dino(tmp_path, list(TAGS)).train()
+    batch = detector_batch(list(draw_scenes(4, 2, "loss_test")), np.random.default_rng(0), (96,), 160)
+    loss, terms = detector_loss(model, batch)
+    terms["loss_bbox_enc"].backward(retain_graph=True)
+    heads = model.model.model
+    assert heads.encoder_output_bbox_embed.layers[-1].weight.grad.abs().sum() > 0  # (earlier layers: 0 at init)
+    model.zero_grad()
+    terms["loss_ce_enc"].backward()
+    assert heads.enc_output.weight.grad.abs().sum() > 0
 
 
 def test_detector_batch_geometry_and_captions():
@@ -91,7 +106,7 @@ def test_time_budget_shortens_a_loop_inside_the_warm_up():
 def test_bubogpt_train_stage_grounding_under_ray(ray_session, tmp_path):
     """A micro recipe through Ray Train: assets come back as a checkpoint and load into the pipeline."""
     from bubogpt.grounding.pipeline import load_tiny_grounding
-    from workflows.train_grounding import run_grounding_training
+    from workflows.train_grounding import train_grounding
 
     micro = {
         "tagger": {"steps": 3, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1},
@@ -100,9 +115,9 @@ def test_bubogpt_train_stage_grounding_under_ray(ray_session, tmp_path):
         "calibration_scenes": 3, "validation_scenes": 2, "evaluate_every": 0,
         "detector_resize_short": 96, "detector_resize_max": 160, "detector_short_sides": [96],
     }  # fmt: skip
-    (tmp_path / "micro.json").write_text(json.dumps(micro))
-    args = SimpleNamespace(out=tmp_path / "out", grounding_config=tmp_path / "micro.json", seed=1, threads=1)
-    scores = run_grounding_training(args)
+    (tmp_path / "micro.json").write_text(json.dumps({"grounding": micro}))  # the `bubogpt train --config` shape
+    args = SimpleNamespace(out=tmp_path / "out", config=tmp_path / "micro.json", seed=1, cpus_per_worker=1)
+    scores = train_grounding(args)
     assert set(scores) == {"tag_precision", "tag_recall", "tag_f1", "box_precision", "box_recall", "mask_iou"}
     assets = tmp_path / "out" / "grounding_tiny"
     recorded = json.loads((assets / "training_scores.json").read_text())
@@ -112,3 +127,30 @@ def test_bubogpt_train_stage_grounding_under_ray(ray_session, tmp_path):
     entities = pipeline.ground_image(scene.image)  # untrained: whatever it finds must be well formed
     for entity in entities:
         assert entity.label in TAGS and len(entity.boxes) == len(entity.masks)
+
+
+def test_tagger_swin_from_detector_computes_the_detector_backbone(tmp_path):
+    """The key table from transformers' Swin to RAM's: with equal windows (7 at 224 px) the two
+    backbones compute the same last-stage tokens."""
+    import dataclasses
+
+    from bubogpt.grounding.ram import RAMTagger, ram_tiny
+    from bubogpt.grounding.training import swin_from_detector
+
+    torch.manual_seed(0)
+    detector = build_tiny_grounding_dino(tmp_path, list(TAGS)).eval()
+    with torch.no_grad():  # non-zero position tables, so that a misplaced one shows
+        for name, param in detector.model.model.backbone.conv_encoder.model.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.normal_(0, 0.5)
+    tagger = RAMTagger(dataclasses.replace(ram_tiny(len(TAGS)), image_size=224, window_size=7)).eval()
+    swin_from_detector(detector, tagger)
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = tagger.vision_encoder(pixels)  # (1, 49, 256)
+        theirs = detector.model.model.backbone.conv_encoder.model(pixels).feature_maps[-1].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # The tiny tagger's own window (4) takes resized tables.
+    small = RAMTagger(ram_tiny(len(TAGS)))
+    swin_from_detector(detector, small)
+    assert small.vision_encoder.layers[0].blocks[0].attn.relative_position_bias_table.shape == (49, 1)

@@ -7,13 +7,14 @@ the node's threads beats splitting them), reports its log lines and final scores
 `ray.train.report`, and hands the assets back as a Ray checkpoint, which the driver copies to
 `OUT/grounding_tiny/`.
 
-`args` (an argparse namespace; only `out` is required):
+`args` (the `bubogpt train` namespace; only `out` is required, `data` is not used: scenes are drawn):
     out                 output folder
     seed                recipe seed (default 0)
-    grounding_config    JSON file of `GroundingTrainingConfig` fields to override (default: none)
+    config              JSON of `GroundingTrainingConfig` fields to override, either at the top level
+                        (bubogpt/assets/grounding_tiny/recipe.json) or under a "grounding" key
     address             Ray cluster address (default: start a local Ray)
     use_gpu             train on one GPU (default: False)
-    threads             CPU threads for the worker (default: 2)
+    cpus_per_worker     CPU threads for the worker (default: 2)
     data_workers        processes drawing scenes (default: 0; what is drawn does not depend on it)
 """
 
@@ -49,7 +50,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
         ray.train.report({f"validation_{k}": v for k, v in scores.items()}, checkpoint=checkpoint)
 
 
-def run_grounding_training(args) -> dict[str, float]:
+def read_overrides(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    return data.get("grounding", data)
+
+
+def train_grounding(args) -> dict[str, float]:
     """Train, then copy the assets to `args.out/grounding_tiny`; returns the validation scores."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -59,12 +67,11 @@ def run_grounding_training(args) -> dict[str, float]:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    overrides_path = getattr(args, "grounding_config", None)
-    overrides = json.loads(Path(overrides_path).read_text()) if overrides_path else {}
+    overrides = read_overrides(getattr(args, "config", None))
     config = GroundingTrainingConfig.from_dict(
         {**overrides, "seed": getattr(args, "seed", 0), "data_workers": getattr(args, "data_workers", 0)}
     )
-    threads = getattr(args, "threads", 2)
+    threads = max(1, int(getattr(args, "cpus_per_worker", None) or 2))
     use_gpu = bool(getattr(args, "use_gpu", False))
     if not ray.is_initialized():
         ray.init(address=getattr(args, "address", None), include_dashboard=False)
@@ -84,3 +91,10 @@ def run_grounding_training(args) -> dict[str, float]:
     scores = {k.removeprefix("validation_"): v for k, v in result.metrics.items() if k.startswith("validation_")}
     (out / "grounding_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+def run_grounding_training(args) -> int:
+    """`bubogpt train --stage grounding`: prints the validation scores; exit code 0."""
+    scores = train_grounding(args)
+    print(json.dumps({"grounding_assets": str(Path(args.out) / "grounding_tiny"), "validation": scores}, indent=2))
+    return 0

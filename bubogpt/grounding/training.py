@@ -1,22 +1,24 @@
 """Training the tiny grounding models on synthetic scenes: batches, losses, loops (no Ray here).
 
-    tagger     RAM tiny, multi-label BCE on the scene's kinds                    (`train_tagger`)
     segmenter  tiny SAM, box prompts (jittered true boxes), BCE + Dice on the    (`train_segmenter`)
                mask logits at the original size, MSE of the IoU head
     detector   tiny Grounding DINO, captions of the present kinds plus random    (`train_detector`)
-               absent ones; transformers' set loss: Hungarian matching, L1 +
+               absent ones; transformers' set loss (Hungarian matching, L1 +
                GIoU on boxes, focal token alignment, on every decoder layer and
-               on the encoder proposals
+               the encoder proposals), with its batch-offset bug fixed
+    tagger     RAM tiny, multi-label BCE on the scene's kinds, plus a dense      (`train_tagger`)
+               training-only probe loss; its Swin starts from the detector's
 
-Each loop: AdamW, linear warm-up then cosine decay, gradient clipping, horizontal flips; `log(step,
-metrics)` every `log_every` steps. Scenes are drawn on the fly (`scenes.draw_scene`), each from its
-own seeded generator, so they can be made by worker processes without changing what is drawn.
+Each loop: AdamW, linear warm-up then cosine decay, gradient clipping, horizontal flips; `log(phase,
+step, metrics)` every `log_every` steps. Scenes are drawn on the fly (`scenes.draw_scene`), each from
+its own seeded generator, so worker processes can draw them without changing what is drawn, and
+each phase seeds itself, so phases give the same models run in a row or as separate processes.
 
-`train_tiny_grounding` trains the three in that order (tagger and segmenter are quick), calibrates
-the per-tag thresholds and the detector's box threshold on separate calibration scenes, scores the
-result on validation scenes and writes the assets (`pipeline.save_tiny_grounding`).
+`train_tiny_grounding` runs the recipe (`GroundingTrainingConfig`, whose defaults are the shipped
+weights' recipe), calibrates the per-tag thresholds and the detector's box threshold on calibration
+scenes, writes the assets (`pipeline.save_tiny_grounding`) and scores them on validation scenes.
 `workflows/train_grounding.py` runs it under Ray Train; `python -m bubogpt.grounding.training` runs
-it directly.
+it directly, whole or one phase at a time (`--phase`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from PIL import Image
 from torch import nn
 from transformers.loss.loss_for_object_detection import _set_aux_loss
 from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher, GroundingDinoImageLoss
+from transformers.models.grounding_dino.modeling_grounding_dino import build_label_maps, build_text_mask
 
 from bubogpt.grounding import evaluate
 from bubogpt.grounding.detector import (
@@ -186,11 +189,53 @@ def init_tagger_for_scratch_training(model: RAMTagger) -> None:
         nn.init.normal_(layer.key.weight, std=0.3)
 
 
+def swin_from_detector(detector: TinyGroundingDino, tagger: RAMTagger) -> None:
+    """Copy the detector's trained Swin (transformers' names) into the tagger's Swin (the Microsoft
+    names RAM uses). The tiny presets have the same widths, depths and heads; only the window
+    differs (7 vs 4), so each relative-position table is resized bicubically, as Swin does when
+    its window changes. The detector learnt its backbone from dense box supervision: the tagger
+    starts from features that already tell the kinds apart."""
+    source = detector.model.model.backbone.conv_encoder.model.state_dict()
+    target = tagger.vision_encoder.state_dict()
+    state = {
+        "patch_embed.proj.weight": source["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": source["embeddings.patch_embeddings.projection.bias"],
+        "patch_embed.norm.weight": source["embeddings.norm.weight"],
+        "patch_embed.norm.bias": source["embeddings.norm.bias"],
+        "norm.weight": source[f"hidden_states_norms.stage{len(tagger.config.depths)}.weight"],
+        "norm.bias": source[f"hidden_states_norms.stage{len(tagger.config.depths)}.bias"],
+    }
+    names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}  # fmt: skip
+    for key in target:
+        parts = key.split(".")
+        if parts[0] != "layers":
+            continue
+        stage = parts[1]
+        if parts[2] == "downsample":
+            state[key] = source[f"encoder.layers.{stage}.downsample.{'.'.join(parts[3:])}"]
+            continue
+        block = f"encoder.layers.{stage}.blocks.{parts[3]}"
+        inner, kind = ".".join(parts[4:-1]), parts[-1]
+        if inner == "attn.qkv":
+            state[key] = torch.cat([source[f"{block}.attention.self.{n}.{kind}"] for n in ("query", "key", "value")])
+        elif inner == "attn" and kind == "relative_position_bias_table":
+            table = source[f"{block}.attention.self.relative_position_bias_table"]  # ((2w-1)², heads)
+            side, new_side = math.isqrt(table.shape[0]), math.isqrt(target[key].shape[0])
+            grid = table.T.reshape(1, -1, side, side)
+            state[key] = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False).reshape(-1, new_side * new_side).T
+        else:
+            state[key] = source[f"{block}.{names[inner]}.{kind}"]
+    tagger.vision_encoder.load_state_dict(state, strict=True)
+
+
 def train_tagger(model: RAMTagger, scenes: Iterator[GroundingScene], config: LoopConfig,
-                 rng: np.random.Generator, log: LogFn | None = None, grid_loss_weight: float = 1.0) -> int:
+                 rng: np.random.Generator, log: LogFn | None = None, grid_loss_weight: float = 1.0,
+                 backbone_lr_ratio: float = 1.0) -> int:
     """Multi-label BCE on the tag logits, plus (training only) BCE of a linear probe on the last Swin
-    stage's tokens against which tags each grid cell holds: dense supervision that teaches the
-    from-scratch Swin shapes far faster than 6 image-level bits. Returns the number of steps run."""
+    stage's tokens against which tags each grid cell holds: dense supervision for the Swin, far
+    richer than a few image-level bits. The Swin learns at `backbone_lr_ratio` of the rate (lower
+    when it starts from the detector's). Returns the number of steps run."""
     model.train()
     device = next(model.parameters()).device
     config_ram = model.config
@@ -198,8 +243,10 @@ def train_tagger(model: RAMTagger, scenes: Iterator[GroundingScene], config: Loo
     probe = nn.Linear(config_ram.vision_width, len(TAGS)).to(device)  # thrown away after training
     tokens: dict[str, torch.Tensor] = {}
     hook = model.vision_encoder.register_forward_hook(lambda module, args, out: tokens.__setitem__("last", out))
-    params = list(model.parameters()) + list(probe.parameters())
-    optimizer = make_optimizer([(params, 1.0)], config)
+    backbone = list(model.vision_encoder.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("vision_encoder.")] + list(probe.parameters())
+    params = backbone + rest
+    optimizer = make_optimizer([(backbone, backbone_lr_ratio), (rest, 1.0)], config)
     started, budget, step = time.time(), _Budget(config.time_budget_s), 0
     try:
         while step < config.steps:
@@ -305,10 +352,12 @@ class DetectorBatch:
     pixel_mask: torch.Tensor  # (B, h, w) 1 = real pixel
     captions: list[str]
     labels: list[dict[str, torch.Tensor]]  # class_labels (n,) phrase index, boxes (n, 4) cxcywh in [0, 1]
+    kind_maps: torch.Tensor | None = None  # (B, num_tags, h, w) 1 where an object of the tag is (padded canvas)
 
     def to(self, device: torch.device) -> "DetectorBatch":
         labels = [{k: v.to(device) for k, v in label.items()} for label in self.labels]
-        return DetectorBatch(self.pixel_values.to(device), self.pixel_mask.to(device), self.captions, labels)
+        kind_maps = self.kind_maps.to(device) if self.kind_maps is not None else None
+        return DetectorBatch(self.pixel_values.to(device), self.pixel_mask.to(device), self.captions, labels, kind_maps)
 
 
 def detector_batch(scenes: list[GroundingScene], rng: np.random.Generator, short_sides: tuple[int, ...],
@@ -321,12 +370,17 @@ def detector_batch(scenes: list[GroundingScene], rng: np.random.Generator, short
     """
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
-    images, labels, captions = [], [], []
+    images, labels, captions, kind_maps = [], [], [], []
     for scene in scenes:
         width, height = scene.image.width, scene.image.height
         new_h, new_w = resized_size(width, height, int(rng.choice(short_sides)), resize_max)
         pixels = torch.from_numpy(np.array(scene.image.resize((new_w, new_h), Image.BILINEAR))).permute(2, 0, 1)
         images.append((pixels.float() / 255 - mean) / std)
+        kind_map = torch.zeros(len(TAGS), new_h, new_w)
+        for obj in scene.objects:
+            resized = Image.fromarray(obj.mask).resize((new_w, new_h), Image.NEAREST)
+            kind_map[TAGS.index(obj.kind)] += torch.from_numpy(np.array(resized)).float()
+        kind_maps.append(kind_map.clamp(max=1))
         present = scene.tags
         tags = present + [t for t in TAGS if t not in present and rng.random() < absent_tag_probability]
         tags = [tags[i] for i in rng.permutation(len(tags))]
@@ -342,10 +396,12 @@ def detector_batch(scenes: list[GroundingScene], rng: np.random.Generator, short
     # LayerNorm (variance 0) multiplies gradients by 1/sqrt(eps) in every Swin layer.
     pixel_values = ((0 - mean) / std).expand(3, max_h, max_w).repeat(len(images), 1, 1, 1)
     pixel_mask = torch.zeros(len(images), max_h, max_w, dtype=torch.long)
+    kind_canvas = torch.zeros(len(images), len(TAGS), max_h, max_w)
     for i, p in enumerate(images):
         pixel_values[i, :, : p.shape[1], : p.shape[2]] = p
         pixel_mask[i, : p.shape[1], : p.shape[2]] = 1
-    return DetectorBatch(pixel_values, pixel_mask, captions, labels)
+        kind_canvas[i, :, : p.shape[1], : p.shape[2]] = kind_maps[i]
+    return DetectorBatch(pixel_values, pixel_mask, captions, labels, kind_canvas)
 
 
 class _GroundingDinoImageLoss(GroundingDinoImageLoss):
@@ -366,14 +422,23 @@ class _GroundingDinoImageLoss(GroundingDinoImageLoss):
         return target_classes_onehot
 
 
-def grounding_dino_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask, outputs_class=None,
-                        outputs_coord=None, encoder_logits=None, encoder_pred_boxes=None):
-    """transformers' `GroundingDinoForObjectDetectionLoss` (same terms and weights: focal token
-    alignment x2, L1 x5, GIoU x2 on the last layer, every earlier layer and the encoder proposals),
-    using the fixed criterion above."""
+LOSS_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}  # transformers' (and DINO's) weights
+
+
+def _criterion(config) -> _GroundingDinoImageLoss:
     matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost,
                                             giou_cost=config.giou_cost)  # fmt: skip
-    criterion = _GroundingDinoImageLoss(matcher=matcher, focal_alpha=config.focal_alpha, losses=["labels", "boxes"])
+    return _GroundingDinoImageLoss(matcher=matcher, focal_alpha=config.focal_alpha, losses=["labels", "boxes"])
+
+
+def decoder_set_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask, outputs_class=None,
+                     outputs_coord=None, encoder_logits=None, encoder_pred_boxes=None):
+    """The decoder part of transformers' `GroundingDinoForObjectDetectionLoss` (focal token alignment
+    x2, L1 x5, GIoU x2 on the last layer and every earlier one), with the fixed criterion. Installed
+    as the model's `loss_function`; the encoder part is `encoder_proposal_loss`, because the
+    `encoder_logits` / `encoder_pred_boxes` transformers passes here are detached from the encoder's
+    heads (they would never train them)."""
+    criterion = _criterion(config)
     outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps, "text_mask": text_mask}
     auxiliary = None
     if config.auxiliary_loss:
@@ -382,19 +447,78 @@ def grounding_dino_loss(logits, labels, device, pred_boxes, config, label_maps, 
             aux["label_maps"], aux["text_mask"] = label_maps, text_mask
         outputs["auxiliary_outputs"] = auxiliary
     loss_dict = criterion(outputs, labels)
-    if config.two_stage:
-        encoder = {"logits": encoder_logits, "pred_boxes": encoder_pred_boxes, "label_maps": label_maps,
-                   "text_mask": text_mask}  # fmt: skip
-        loss_dict.update({k + "_enc": v for k, v in criterion(encoder, labels).items()})
-    weights = {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-    weight_dict = dict(weights)
-    if config.two_stage:
-        weight_dict.update({k + "_enc": v for k, v in weights.items()})
-    if config.auxiliary_loss:
-        for i in range(config.decoder_layers - 1):
-            weight_dict.update({k + f"_{i}": v for k, v in weights.items()})
-    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+    loss = sum(v * LOSS_WEIGHTS[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] for k, v in loss_dict.items()
+               if (k.rsplit("_", 1)[0] if k[-1].isdigit() else k) in LOSS_WEIGHTS)  # fmt: skip
     return loss, loss_dict, auxiliary
+
+
+def encoder_proposal_loss(out, labels: list[dict], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          config) -> dict[str, torch.Tensor]:
+    """The two-stage proposal loss as DINO computes it: the encoder's top `num_queries` proposals
+    (by best token logit, padded positions excluded), with gradients into the encoder's class and box
+    heads, matched and scored like a decoder layer.
+
+    out.enc_outputs_class (B, L, max_text_len), out.enc_outputs_coord_logits (B, L, 4) (+inf where
+    the proposal lies in padding)."""
+    class_logits, coord_logits = out.enc_outputs_class, out.enc_outputs_coord_logits
+    valid = torch.isfinite(coord_logits).all(-1)  # (B, L)
+    scores = class_logits.max(-1).values.masked_fill(~valid, float("-inf"))
+    top = scores.topk(config.num_queries, dim=1).indices  # (B, K)
+    logits = torch.gather(class_logits, 1, top[..., None].expand(-1, -1, class_logits.shape[-1]))
+    boxes = torch.gather(coord_logits, 1, top[..., None].expand(-1, -1, 4)).sigmoid()
+    outputs = {"logits": logits, "pred_boxes": boxes, "label_maps": build_label_maps(logits, input_ids),
+               "text_mask": build_text_mask(logits, attention_mask)}  # fmt: skip
+    return {f"{k}_enc": v for k, v in _criterion(config)(outputs, labels).items()}
+
+
+class KindMapProbes(nn.Module):
+    """Training-only 1x1-conv probes on each Swin output level, predicting which kinds cover each
+    cell. Thrown away after training. Set prediction gives the backbone a few matched boxes per image
+    as signal; these give it every cell of every image, so it learns what a star or a cross looks
+    like long before the Hungarian matching settles (the tagger's grid loss does the same)."""
+
+    def __init__(self, channels: list[int], num_tags: int):
+        super().__init__()
+        self.levels = nn.ModuleList(nn.Conv2d(c, num_tags, 1) for c in channels)
+
+    @staticmethod
+    def for_detector(model: TinyGroundingDino) -> "KindMapProbes":
+        swin = model.model.model.backbone.conv_encoder.model
+        channels = [swin.num_features[i] for i in swin.config.out_indices]
+        return KindMapProbes(channels, len(TAGS)).to(next(model.parameters()).device)
+
+    def loss(self, feature_maps: tuple[torch.Tensor, ...], kind_maps: torch.Tensor) -> torch.Tensor:
+        """feature_maps: (B, C_l, h_l, w_l) per level; kind_maps (B, num_tags, H, W) -> mean BCE."""
+        losses = []
+        for probe, features in zip(self.levels, feature_maps):
+            targets = F.adaptive_max_pool2d(kind_maps, features.shape[-2:])
+            losses.append(F.binary_cross_entropy_with_logits(probe(features), targets))
+        return torch.stack(losses).mean()
+
+
+def detector_loss(model: TinyGroundingDino, batch: "DetectorBatch", probes: KindMapProbes | None = None,
+                  probe_weight: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoder losses (every layer) + encoder proposal losses, with their weights; plus, with
+    `probes`, the dense kind-map loss on the backbone's feature maps ("kind_map")."""
+    text = model.tokenize(batch.captions).to(batch.pixel_values.device)
+    model.model.loss_function = decoder_set_loss
+    features: dict[str, tuple] = {}
+    swin = model.model.model.backbone.conv_encoder.model
+    hook = swin.register_forward_hook(lambda module, args, out: features.__setitem__("maps", out.feature_maps))
+    try:
+        out = model.model(pixel_values=batch.pixel_values, input_ids=text["input_ids"],
+                          token_type_ids=text["token_type_ids"], attention_mask=text["attention_mask"],
+                          pixel_mask=batch.pixel_mask, labels=batch.labels)  # fmt: skip
+    finally:
+        hook.remove()
+    encoder = encoder_proposal_loss(out, batch.labels, text["input_ids"], text["attention_mask"], model.model.config)
+    loss = out.loss + sum(v * LOSS_WEIGHTS[k.removesuffix("_enc")] for k, v in encoder.items()
+                          if k.removesuffix("_enc") in LOSS_WEIGHTS)  # fmt: skip
+    terms = {**out.loss_dict, **encoder}
+    if probes is not None and batch.kind_maps is not None:
+        terms["kind_map"] = probes.loss(features["maps"], batch.kind_maps)
+        loss = loss + probe_weight * terms["kind_map"]
+    return loss, terms
 
 
 def detector_param_groups(model: TinyGroundingDino, backbone_lr_ratio: float) -> list[tuple[list[nn.Parameter], float]]:
@@ -408,32 +532,38 @@ def detector_param_groups(model: TinyGroundingDino, backbone_lr_ratio: float) ->
 
 def train_detector(model: TinyGroundingDino, scenes: Iterator[GroundingScene], config: LoopConfig,
                    rng: np.random.Generator, short_sides: tuple[int, ...], resize_max: int,
-                   backbone_lr_ratio: float = 0.5, log: LogFn | None = None,
-                   forward: Callable | None = None, evaluate_every: int = 0,
-                   evaluate_fn: Callable[[], dict[str, float]] | None = None) -> int:
-    """Returns the number of steps run. `forward` (default: `model`) may be a DDP wrapper of it."""
-    forward = forward or model
+                   backbone_lr_ratio: float = 0.5, log: LogFn | None = None, evaluate_every: int = 0,
+                   evaluate_fn: Callable[[], dict[str, float]] | None = None,
+                   snapshot: Callable[[int], None] | None = None, snapshot_every: int = 0,
+                   kind_map_weight: float = 0.0) -> int:
+    """Returns the number of steps run. `snapshot(step)` is called every `snapshot_every` steps (e.g. to
+    save the model on the way). `kind_map_weight` > 0 adds the dense kind-map loss (`KindMapProbes`)."""
     device = next(model.parameters()).device
-    model.model.loss_function = grounding_dino_loss
     model.train()
     groups = detector_param_groups(model, backbone_lr_ratio)
+    probes = KindMapProbes.for_detector(model) if kind_map_weight > 0 else None
+    if probes is not None:
+        groups.append((list(probes.parameters()), 1.0))
     params = [p for group, _ in groups for p in group]
     optimizer = make_optimizer(groups, config)
     started, budget, step = time.time(), _Budget(config.time_budget_s), 0
     while step < config.steps:
         config = budget.check(step, config, log, "detector")
         inputs = detector_batch(_augmented(scenes, config.batch_size, rng), rng, short_sides, resize_max).to(device)
-        out = forward(inputs.pixel_values, inputs.captions, pixel_mask=inputs.pixel_mask, labels=inputs.labels)
-        norm = _step(optimizer, out.loss, params, step, config)
+        loss, terms = detector_loss(model, inputs, probes, kind_map_weight)
+        norm = _step(optimizer, loss, params, step, config)
         if log and _should_log(step, config):
             # The last layer's terms (the others are suffixed _0, _1, ... and _enc).
-            parts = {k.removeprefix("loss_"): v.item() for k, v in out.loss_dict.items() if k in ("loss_ce", "loss_bbox", "loss_giou")}
-            log("detector", step, {"loss": out.loss.item(), **parts, "grad_norm": norm, "seconds": time.time() - started})
+            parts = {k.removeprefix("loss_"): v.item() for k, v in terms.items()
+                     if k.removesuffix("_enc") in ("loss_ce", "loss_bbox", "loss_giou", "kind_map")}  # fmt: skip
+            log("detector", step, {"loss": loss.item(), **parts, "grad_norm": norm, "seconds": time.time() - started})
         if evaluate_fn and evaluate_every and (step + 1) % evaluate_every == 0 and step + 1 < config.steps:
             model.eval()
             if log:
                 log("detector_eval", step, evaluate_fn())
             model.train()
+        if snapshot and snapshot_every and (step + 1) % snapshot_every == 0:
+            snapshot(step + 1)
         step += 1
     model.eval()
     return config.steps
@@ -514,17 +644,21 @@ class GroundingTrainingConfig:
     """The recipe of the shipped tiny weights (bubogpt/assets/grounding_tiny/README.md)."""
 
     seed: int = 0
-    tagger: LoopConfig = field(default_factory=lambda: LoopConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=50))
-    segmenter: LoopConfig = field(default_factory=lambda: LoopConfig(steps=800, batch_size=8, lr=1e-3, warmup_steps=50))
+    tagger: LoopConfig = field(default_factory=lambda: LoopConfig(steps=400, batch_size=16, lr=1e-3, warmup_steps=40))
+    segmenter: LoopConfig = field(default_factory=lambda: LoopConfig(steps=600, batch_size=4, lr=1e-3, warmup_steps=40))
     detector: LoopConfig = field(default_factory=lambda: LoopConfig(
-        steps=3000, batch_size=32, lr=3e-4, warmup_steps=200, grad_clip=0.1))
-    detector_short_sides: tuple[int, ...] = (112, 128, 144)  # scale jitter in training
-    detector_resize_short: int = 128  # at inference
-    detector_resize_max: int = 224
-    backbone_lr_ratio: float = 0.5
+        steps=7000, batch_size=8, lr=2e-4, warmup_steps=200, grad_clip=0.1))
+    detector_short_sides: tuple[int, ...] = (96, 112, 128)  # scale jitter in training
+    detector_resize_short: int = 112  # at inference
+    detector_resize_max: int = 192
+    backbone_lr_ratio: float = 0.5  # the detector's Swin and text encoder
+    detector_kind_map_weight: float = 2.0  # dense kind-map loss on the detector's Swin (0: off)
+    tagger_from_detector: bool = True  # start the tagger's Swin from the trained detector's
+    tagger_backbone_lr_ratio: float = 0.1
     calibration_scenes: int = 200
     validation_scenes: int = 100
-    evaluate_every: int = 500  # detector recall/precision on validation scenes during training (0: never)
+    evaluate_every: int = 1000  # detector recall/precision on validation scenes during training (0: never)
+    snapshot_every: int = 500  # save the detector to OUT/detector_snapshot every so many steps (0: never)
     data_workers: int = 0  # processes drawing scenes; what is drawn does not depend on it
 
     def to_dict(self) -> dict:
@@ -559,13 +693,22 @@ def _train_stream(config: GroundingTrainingConfig, phase: str) -> Iterator[Groun
     return draw_scenes_parallel(config.seed, TRAIN_STREAM, config.data_workers, start=start)
 
 
-def train_tagger_phase(config: GroundingTrainingConfig, device: torch.device, log: LogFn | None = None):
-    """(RAM tiny tagger, per-tag thresholds calibrated on the calibration scenes, steps run)."""
+def train_tagger_phase(config: GroundingTrainingConfig, device: torch.device, log: LogFn | None = None,
+                       detector: TinyGroundingDino | None = None):
+    """(RAM tiny tagger, per-tag thresholds calibrated on the calibration scenes, steps run).
+
+    With `detector`, the tagger's Swin starts from the detector's trained backbone
+    (`swin_from_detector`) and learns at `tagger_backbone_lr_ratio` of the rate."""
     _phase_seed(config, "tagger")
     tagger = RAMTagger(ram_tiny(num_tags=len(TAGS)), tag_names=list(TAGS))
     init_tagger_for_scratch_training(tagger)
+    ratio = 1.0
+    if detector is not None:
+        swin_from_detector(detector, tagger)
+        ratio = config.tagger_backbone_lr_ratio
     tagger.to(device)
-    steps = train_tagger(tagger, _train_stream(config, "tagger"), config.tagger, _phase_rng(config, "tagger"), log)
+    steps = train_tagger(tagger, _train_stream(config, "tagger"), config.tagger, _phase_rng(config, "tagger"), log,
+                         backbone_lr_ratio=ratio)  # fmt: skip
     calibration = list(draw_scenes(config.seed, config.calibration_scenes, CALIBRATION_STREAM))
     return tagger.cpu(), calibrate_tag_thresholds(tagger, calibration), steps
 
@@ -582,9 +725,8 @@ def train_segmenter_phase(config: GroundingTrainingConfig, device: torch.device,
 
 
 def train_detector_phase(config: GroundingTrainingConfig, device: torch.device, vocab_dir: Path,
-                         log: LogFn | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None):
-    """(tiny Grounding DINO, its operating settings with the calibrated box threshold, steps run).
-    `wrap` (e.g. Ray Train's prepare_model) wraps the model for the training forward pass."""
+                         log: LogFn | None = None):
+    """(tiny Grounding DINO, its operating settings with the calibrated box threshold, steps run)."""
     _phase_seed(config, "detector")
     model = build_tiny_grounding_dino(vocab_dir, list(TAGS)).to(device)
     settings = DetectorConfig(resize_short=config.detector_resize_short, resize_max=config.detector_resize_max)
@@ -594,10 +736,15 @@ def train_detector_phase(config: GroundingTrainingConfig, device: torch.device, 
         scores = evaluate.box_scores(detect_all(GroundingDetector(model, settings), validation), validation)
         return {"box_precision": scores.precision, "box_recall": scores.recall}
 
+    def snapshot(step: int) -> None:
+        model.save(vocab_dir.parent / "detector_snapshot")
+        (vocab_dir.parent / "detector_snapshot" / "step.txt").write_text(f"{step}\n")
+
     steps = train_detector(
         model, _train_stream(config, "detector"), config.detector, _phase_rng(config, "detector"),
         config.detector_short_sides, config.detector_resize_max, config.backbone_lr_ratio, log,
-        wrap(model) if wrap else model, config.evaluate_every, evaluate_detector,
+        config.evaluate_every, evaluate_detector,
+        snapshot, config.snapshot_every, config.detector_kind_map_weight,
     )  # fmt: skip
     calibration = list(draw_scenes(config.seed, config.calibration_scenes, CALIBRATION_STREAM))
     settings.box_threshold = calibrate_box_threshold(model, settings, calibration)
@@ -624,15 +771,17 @@ def assemble_assets(config: GroundingTrainingConfig, out_dir: Path, tagger: RAMT
 
 
 def train_tiny_grounding(config: GroundingTrainingConfig, out_dir: str | Path, device: str | torch.device = "cpu",
-                         log: LogFn | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
-    """The whole recipe: tagger, segmenter, detector (each calibrated), then the assets in
-    `out_dir/grounding_tiny`, scored on the validation scenes. Returns those scores."""
+                         log: LogFn | None = None) -> dict[str, float]:
+    """The whole recipe: segmenter, detector, then the tagger (its Swin from the detector's), each
+    calibrated; then the assets in `out_dir/grounding_tiny`, scored on the validation scenes.
+    Returns those scores."""
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tagger, thresholds, tagger_steps = train_tagger_phase(config, device, log)
     segmenter, sam_config, segmenter_steps = train_segmenter_phase(config, device, log)
-    detector, settings, detector_steps = train_detector_phase(config, device, out_dir / "detector_vocab", log, wrap)
+    detector, settings, detector_steps = train_detector_phase(config, device, out_dir / "detector_vocab", log)
+    tagger, thresholds, tagger_steps = train_tagger_phase(
+        config, device, log, detector if config.tagger_from_detector else None)
     steps = {"tagger": tagger_steps, "segmenter": segmenter_steps, "detector": detector_steps}
     return assemble_assets(config, out_dir, tagger, thresholds, segmenter, sam_config, detector, settings, steps,
                            str(device), log)  # fmt: skip
@@ -682,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--phase", choices=("all",) + PHASES + ("assemble",), default="all",
                         help="one phase alone (its model goes to OUT/phases/), or assemble the saved phases")
+    parser.add_argument("--detector", type=Path, default=None,
+                        help="--phase tagger: the detector whose Swin the tagger starts from (default OUT/phases/detector)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -699,7 +850,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         if args.phase == "tagger":
-            result = train_tagger_phase(config, device, log)
+            detector = None
+            if config.tagger_from_detector:
+                detector = TinyGroundingDino.load(args.detector or args.out / "phases" / "detector")
+            result = train_tagger_phase(config, device, log, detector)
         elif args.phase == "segmenter":
             result = train_segmenter_phase(config, device, log)
         else:
