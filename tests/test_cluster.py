@@ -752,4 +752,7 @@ def test_jobs_api_prepare_and_train_run_on_two_nodes(local_cluster, tmp_path):
     train_nodes = placed_nodes(local_cluster, train_id, wanted=workers)
     # Two training workers of 2 CPUs each on 3-CPU worker nodes (and a head without CPUs): one on each.
     assert workers <= set(train_nodes), {n[:8]: sorted(v)[:5] for n, v in train_nodes.items()}
+    # ... and each worker says so in the job's output.
+    printed = set(re.findall(r"bubogpt train worker rank \d/2 on node ([0-9a-f]+)", train_logs))
+    assert printed == workers, (printed, workers)
     assert set(train_nodes) <= set(nodes)

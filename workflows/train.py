@@ -259,12 +259,15 @@ class WorkerContext:
 
 def train_func(loop_config: dict[str, Any]) -> None:
     """All stages of the job on one Ray Train worker (see the module docstring)."""
+    import ray
     import ray.train
 
     stages = [TrainConfig.from_dict(d) for d in loop_config["stages"]]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(loop_config.get("threads_per_worker", 1))
+    # Where each worker runs, in the job's output (multi-node checks read it).
+    print(f"bubogpt train worker rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()}", flush=True)
     tracker = None
     if rank == 0 and loop_config.get("tracking"):
         from workflows.tracking import MlflowTracker
