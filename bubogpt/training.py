@@ -120,6 +120,13 @@ class TrainConfig:
                 raise TrainConfigError(f"{self.stage}: {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise TrainConfigError(f"{self.stage}: warmup_steps must be >= 0, got {self.warmup_steps}")
+        trained_encoders = [n for n in ("train_vision_encoder", "train_audio_encoder") if getattr(self, n)]
+        if self.use_precomputed_tokens and trained_encoders:
+            # Tokens precomputed by a frozen copy would go stale as the encoder trains, and the
+            # encoder would get no gradient.
+            raise TrainConfigError(
+                f"{self.stage}: use_precomputed_tokens needs frozen encoders, but {', '.join(trained_encoders)} is set"
+            )
         if not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup_start_lr <= self.lr:
             raise TrainConfigError(
                 f"{self.stage}: need 0 <= min_lr, warmup_start_lr <= lr; got lr={self.lr}, "

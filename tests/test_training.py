@@ -149,12 +149,12 @@ def test_reference_stages_train_what_the_model_says(model):
 
 
 def test_tiny_only_flags_add_encoders_and_llm(model):
-    names = configure_trainable(model, make_config(stage="stage1", train_audio_encoder=True))
+    names = configure_trainable(model, make_config(stage="stage1", train_audio_encoder=True, use_precomputed_tokens=False))
     assert any(n.startswith("audio_encoder.") for n in names)
     assert not any(n.startswith(("vision_encoder.", "llm.", "joiner.qformers.vision")) for n in names)
     names = configure_trainable(model, make_config(stage="lm_warmup", prompt_style="text"))
     assert names and all(n.startswith("llm.") for n in names)
-    names = configure_trainable(model, make_config(stage="vision_align", train_vision_encoder=True, train_llm=True))
+    names = configure_trainable(model, make_config(stage="vision_align", train_vision_encoder=True, train_llm=True, use_precomputed_tokens=False))
     prefixes = {n.split(".")[0] if not n.startswith("joiner") else ".".join(n.split(".")[:3]) for n in names}
     assert prefixes == {"vision_encoder", "llm", "joiner.qformers.vision", "joiner.projections.vision"}
 
@@ -408,3 +408,8 @@ def test_spatial_prior_makes_each_query_look_at_its_own_place(tokenizer):
     assert hits >= 5  # the query of that cell reacts most
     # Without the prior every query sees about the same average: no query stands out.
     assert min(prior_peaks) > 1.5 * max(plain_peaks)
+
+
+def test_precomputed_tokens_with_a_trained_encoder_is_refused():
+    with pytest.raises(TrainConfigError, match="use_precomputed_tokens needs frozen encoders.*train_audio_encoder"):
+        make_config(stage="stage1", train_audio_encoder=True, use_precomputed_tokens=True)
