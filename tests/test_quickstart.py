@@ -1,0 +1,99 @@
+"""The README's first command (`bubogpt quickstart`), on its real code path: its own `ray start`
+cluster and MLflow server, corpus, Ray Data, Ray Train, evaluation, Ray Serve, one request per input
+combination. Run as the user runs it (a subprocess of the `bubogpt` CLI), with the smallest corpus
+and capped training steps for time; then run again (completed steps are reused) and stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.serve_harness import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--size", "tiny", "--max-steps", "6", "--eval-limit", "4", "--num-cpus", "4"]
+COMBINATIONS = ["image", "audio", "image+matched-audio", "image+unrelated-audio"]
+
+
+def quickstart(workdir: Path, *extra: str, timeout: float = 1200) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "quickstart", "--workdir", str(workdir), *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart")
+    port = free_port()
+    try:
+        first, first_s = quickstart(workdir, *QUICK, "--port", str(port))
+        assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-6000:]
+        second, second_s = quickstart(workdir, *QUICK, "--port", str(port))
+        assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-6000:]
+        yield workdir, port, first.stdout, first_s, second.stdout, second_s
+    finally:
+        stopped, _ = quickstart(workdir, "--stop", timeout=120)
+        print(stopped.stdout, stopped.stderr)
+
+
+def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_runs):
+    workdir, port, out, seconds, _, _ = two_runs
+    print(f"first quickstart run: {seconds:.0f} s")
+    # The trained model, the evaluation, and one answered request per input combination.
+    assert (workdir / "model" / "bubogpt_config.json").is_file()
+    evaluation = json.loads((workdir / "eval.json").read_text())
+    assert any(isinstance(v, (int, float)) for v in evaluation["metrics"].values()), evaluation
+    results = json.loads((workdir / "requests.json").read_text())
+    assert [r["request"] for r in results] == COMBINATIONS
+    for result in results:
+        assert result["answer"].strip(), result
+        for span in result["spans"]:
+            assert result["answer"][span["start"]:span["end"]] == span["text"]
+    # Annotated images for the requests with an image, at the size of the image sent.
+    for name in ("image", "image+matched-audio", "image+unrelated-audio"):
+        with Image.open(workdir / "annotated" / f"{name}.png") as png:
+            assert png.format == "PNG" and min(png.size) >= 64
+    # Progress through every step, the evaluation table, and where to look at the end.
+    for step in range(1, 8):
+        assert f"{step}/7" in out
+    assert "MLflow UI" in out and f"http://127.0.0.1:{port}" in out and "--stop" in out
+
+
+def test_services_stay_up_with_the_runs_recorded(two_runs):
+    import mlflow
+
+    workdir, port, out, _, _, _ = two_runs
+    reply = requests.post(f"http://127.0.0.1:{port}/v1/chat", json={"message": "Hello", "max_new_tokens": 8}, timeout=120)
+    assert reply.status_code == 200 and reply.json()["answer"].strip(), reply.text
+    uri = re.search(r"MLflow UI\s+(\S+)", out).group(1)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bubogpt")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parents and children, [r.info.run_name for r in runs]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} <= {r.info.run_id for r in parents}
+    assert any(k.startswith("loss") or k == "loss" for r in children for k in r.data.metrics), [r.data.metrics for r in children]
+    assert client.search_model_versions("name='bubogpt-tiny'"), "no registered model version"
+
+
+def test_second_run_reuses_completed_steps(two_runs):
+    _, _, _, first_s, out, second_s = two_runs
+    print(f"second quickstart run: {second_s:.0f} s (first {first_s:.0f} s)")
+    assert out.count("reusing") >= 4, out[-4000:]
+    assert "$ bubogpt train" not in out and "$ bubogpt data" not in out
+    assert second_s < first_s
