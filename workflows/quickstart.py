@@ -198,9 +198,9 @@ def send_requests(url: str, corpus: Path, annotated: Path) -> list[dict]:
         print("  " + coloured(reply["answer"], reply.get("spans", []), reply.get("entities", [])))
         for entity in reply.get("entities", []):
             print(f"    entity {entity['id']}: {entity['label']} box {entity.get('boxes')}")
-        if reply.get("annotated_png"):
+        if reply.get("annotated_image"):
             path = annotated / f"{request['name']}.png"
-            path.write_bytes(base64.b64decode(reply["annotated_png"]))
+            path.write_bytes(base64.b64decode(reply["annotated_image"]))
             print(f"    annotated image: {path}")
         results.append({"request": request["name"], "answer": reply["answer"], "spans": reply.get("spans", [])})
     return results
