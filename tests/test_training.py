@@ -413,3 +413,10 @@ def test_spatial_prior_makes_each_query_look_at_its_own_place(tokenizer):
 def test_precomputed_tokens_with_a_trained_encoder_is_refused():
     with pytest.raises(TrainConfigError, match="use_precomputed_tokens needs frozen encoders.*train_audio_encoder"):
         make_config(stage="stage1", train_audio_encoder=True, use_precomputed_tokens=True)
+
+
+def test_bubogpt_train_needs_data_except_for_grounding(tmp_path, capsys):
+    from workflows.cli import main
+
+    assert main(["train", "--out", str(tmp_path), "--stage", "stage1"]) == 2
+    assert "--data is required" in capsys.readouterr().err

@@ -81,16 +81,13 @@ def _ground(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.stage == "grounding":
-        # The grounding stage lives in its own workflow module (when installed).
-        import importlib.util
-
-        if importlib.util.find_spec("workflows.train_grounding") is None:
-            print("bubogpt train: --stage grounding needs workflows/train_grounding.py, which is not present", file=sys.stderr)
-            return 2
+    if args.stage == "grounding":  # draws its own scenes: no --data
         from workflows.train_grounding import run_grounding_training
 
         return run_grounding_training(args)
+    if args.data is None:
+        print("bubogpt train: --data is required (a prepared corpus) for every stage but grounding", file=sys.stderr)
+        return 2
     from bubogpt.training import TrainConfigError
     from workflows.train import TrainJobError, run_training
 
@@ -108,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="prepared corpus (bubogpt data prepare)")
+    parser.add_argument("--data", type=Path, help="prepared corpus (bubogpt data prepare); not used by --stage grounding")
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, exported model)")
     parser.add_argument("--stage", default="all", help="lm_warmup | vision_align | stage1 | stage2 | grounding | all")
     parser.add_argument("--preset", choices=["tiny", "7b", "13b"], default="tiny")
