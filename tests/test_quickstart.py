@@ -67,9 +67,13 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     for name in ("image", "image+matched-audio", "image+unrelated-audio"):
         with Image.open(workdir / "annotated" / f"{name}.png") as png:
             assert png.format == "PNG" and min(png.size) >= 64
-    # Progress through every step, the evaluation table, and where to look at the end.
+    # Progress through every step (the training workers' own progress lines included, not Serve's
+    # request log), and where to look at the end.
     for step in range(1, 8):
         assert f"{step}/7" in out
+    for stage in ("lm_warmup", "vision_align", "stage1", "stage2"):
+        assert f"[bubogpt train] {stage}: finished 6 steps" in out, stage
+    assert "/v1/chat 200" not in out  # no access-log lines
     assert "MLflow UI" in out and f"http://127.0.0.1:{port}" in out and "--stop" in out
 
 

@@ -136,7 +136,8 @@ def deploy(model_dir: Path, port: int) -> str:
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app_config["deployments"]}
     serve.start(http_options=config["http_options"])
     serve.run(compose(ServeSettings.from_dict(app_config["args"]), options), name=app_config["name"],
-              route_prefix=app_config["route_prefix"], blocking=False)
+              route_prefix=app_config["route_prefix"], blocking=False,
+              logging_config={"enable_access_log": False, "log_level": "WARNING"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -220,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.uri
     import ray
 
-    ray.init(address=address, log_to_driver=False)
+    # Workers' output (the training progress lines) comes to this terminal; Serve's request log does not
+    # (deploy() turns it off), so step 7 prints only the answers.
+    ray.init(address=address, log_to_driver=True)
     print(f"Ray at {address}; MLflow at {mlflow.uri}")
 
     corpus, prepared, model = workdir / "corpus", workdir / "prepared", workdir / "model"
