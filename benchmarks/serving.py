@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import functools
 import http.server
-import io
 import json
 import multiprocessing
 import os
@@ -146,8 +144,10 @@ class ReferenceStyleServer:
     """
 
     def __init__(self, model_dir: str, grounding_dir: str | None, session_state: bool = False):
+        import torch
+
         from bubogpt.checkpoints.native import load_model
-        from bubogpt.grounding.pipeline import TINY_ASSETS, load_tiny_grounding
+        from serve.app import Grounder
         from serve.generation import query_token_counts
         from serve.local import local_config
         from serve.settings import ServeSettings
@@ -156,7 +156,7 @@ class ReferenceStyleServer:
         self.settings = ServeSettings.from_dict(args)  # serve/config.yaml's limits
         self.model = load_model(model_dir).eval()
         self.query_tokens = query_token_counts(self.model.config)
-        self.grounding = load_tiny_grounding(grounding_dir or TINY_ASSETS)  # as serve/app.py's Grounder
+        self.grounder = Grounder(grounding_dir, torch.device("cpu"))  # serve/app.py's, called in sequence
         self.session_state = session_state
         self.sessions: dict[tuple[str, str], object] = {}
         self.lock = threading.Lock()  # one request at a time: the others wait their turn
@@ -195,23 +195,19 @@ class ReferenceStyleServer:
                 self.model, chat.audio.data, self.settings.max_audio_seconds))  # fmt: skip
         completion = self.generate(chat, vision, audio)
         generated = time.perf_counter()
-        spans = [dataclasses.asdict(s) for s in self.grounding.match(completion.text, entities)] if entities else []
+        spans = self.grounder.match(completion.text, entities) if entities else []
         done = time.perf_counter()  # 5: matching
         timings = {"grounding_ms": (grounded - start) * 1000, "llm_ms": (generated - grounded) * 1000,
                    "matching_ms": (done - generated) * 1000, "total_ms": (done - start) * 1000}  # fmt: skip
         return Answer(completion, grounding, spans, timings)
 
-    def ground(self, data: bytes) -> tuple[dict, list]:
+    def ground(self, data: bytes) -> tuple[dict, list[dict]]:
         """Image bytes -> (the response's grounding: entities and annotated PNG, the entities)."""
-        from bubogpt.grounding.result import annotate_image
         from bubogpt.preprocess import decode_image
 
         image = decode_image(data, self.settings.max_image_pixels)
-        entities = self.grounding.ground_image(image)  # SAM: one image embedding, all boxes
-        png = io.BytesIO()
-        annotate_image(image, entities).save(png, format="PNG")
-        grounding = {"entities": [dataclasses.asdict(e) for e in entities],
-                     "annotated_image": base64.b64encode(png.getvalue()).decode(), "cache": "none"}  # fmt: skip
+        [(entities, png)] = self.grounder.ground([image])  # SAM: one image embedding, all boxes
+        grounding = {"entities": entities, "annotated_image": base64.b64encode(png).decode(), "cache": "none"}
         return grounding, entities
 
     def generate(self, chat, vision, audio):
@@ -223,7 +219,7 @@ class ReferenceStyleServer:
             prompt=prompt,
             prompt_tokens=count_prompt_tokens(self.model.tokenizer, self.query_tokens, prompt),
             max_new_tokens=chat.max_new_tokens,
-            sampling=Sampling(True, chat.temperature, chat.top_p) if chat.do_sample else Sampling(False, 1.0, 1.0),
+            sampling=Sampling.of(chat),
             vision_tokens=vision,
             audio_tokens=audio,
         )

@@ -186,8 +186,7 @@ class LLMDeployment:
             prompt=prompt,
             prompt_tokens=prompt_tokens,
             max_new_tokens=chat.max_new_tokens,
-            # greedy ignores temperature and top_p: normalise them so all greedy requests can share a batch
-            sampling=Sampling(True, chat.temperature, chat.top_p) if chat.do_sample else Sampling(False, 1.0, 1.0),
+            sampling=Sampling.of(chat),
             vision_tokens=vision,
             audio_tokens=audio,
         )

@@ -38,6 +38,12 @@ class Sampling:
     temperature: float
     top_p: float
 
+    @classmethod
+    def of(cls, chat) -> "Sampling":
+        """A request's sampling; greedy ignores temperature and top_p, so all greedy requests are
+        normalised alike and can share a batch."""
+        return cls(True, chat.temperature, chat.top_p) if chat.do_sample else cls(False, 1.0, 1.0)
+
 
 @dataclass
 class GenerationJob:

@@ -14,7 +14,7 @@ the node's threads beats splitting them), reports its log lines and final scores
                         (bubogpt/assets/grounding_tiny/recipe.json) or under a "grounding" key
     address             Ray cluster address (default: start a local Ray)
     use_gpu             train on one GPU (default: False)
-    cpus_per_worker     CPU threads for the worker (default: 2)
+    cpus_per_worker     CPU threads for the worker (`bubogpt train` default 1; the shipped weights used 2)
     data_workers        processes drawing scenes (default: 0; what is drawn does not depend on it)
 """
 
