@@ -189,3 +189,52 @@ def test_loading_weights_of_another_size_names_the_key(overfit_model, tmp_path):
     config.write_text(text)
     with pytest.raises(CheckpointMismatchError, match=r"qformers\.vision\.query_tokens.*\(1, 16, 64\).*\(1, 12, 64\)"):
         load_model(tmp_path / "model")
+
+
+@pytest.mark.parametrize("queries,kv_offset", [(7, 0), (1, 0), (1, 6), (3, 4)])
+def test_padded_causal_mask_equals_transformers_sdpa_mask(queries, kv_offset):
+    """The broadcast mask the LLM uses against transformers' own (vmap-built) SDPA mask, on left- and
+    right-padded rows, at prefill and at decode steps; None only where transformers also skips it."""
+    from transformers.masking_utils import sdpa_mask
+
+    from bubogpt.llm import padded_causal_mask
+
+    kv_length = kv_offset + queries
+    cache_position = torch.arange(kv_offset, kv_offset + queries)
+    padded = torch.ones(4, kv_length, dtype=torch.long)
+    padded[0, :3] = 0  # left padding (generation)
+    padded[1, -2:] = 0  # right padding (training)
+    padded[2, :1] = 0
+    for attention_mask in (padded, torch.ones(4, kv_length, dtype=torch.long), None):
+        ours = padded_causal_mask(4, cache_position, kv_length, attention_mask=attention_mask)
+        theirs = sdpa_mask(4, cache_position, kv_length, attention_mask=attention_mask)
+        if theirs is None:
+            assert ours is None
+        else:
+            assert ours is not None and torch.equal(ours, theirs.expand_as(ours))
+
+
+def test_llm_with_the_broadcast_mask_matches_stock_sdpa_on_padded_batches(tokenizer):
+    """Same weights, transformers' stock "sdpa" against the project's mask: equal logits on a padded
+    training batch and equal greedy answers for a left-padded generation batch."""
+    torch.manual_seed(0)
+    model = BuboGPT.build(tiny(), tokenizer).eval()
+    assert model.llm.config._attn_implementation == "bubogpt_sdpa"
+    prompts = []
+    for text in ("Hi.", "Tell me about the red circle in the corner, please.", "What do you hear?"):
+        conversation = Conversation()
+        conversation.add_user(text, [])
+        prompts.append(conversation.render())
+    ids = torch.randint(5, 50, (3, 9))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, -4:] = 0
+    attention_mask[2, :2] = 0
+    with torch.no_grad():
+        ours_logits = model.llm(input_ids=ids, attention_mask=attention_mask).logits
+        ours_answers = model.generate(prompts, max_new_tokens=12)
+        model.llm.set_attn_implementation("sdpa")
+        stock_logits = model.llm(input_ids=ids, attention_mask=attention_mask).logits
+        stock_answers = model.generate(prompts, max_new_tokens=12)
+    real = attention_mask.bool()
+    torch.testing.assert_close(ours_logits[real], stock_logits[real], rtol=1e-5, atol=1e-5)
+    assert ours_answers == stock_answers
