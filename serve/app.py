@@ -53,14 +53,15 @@ from bubogpt.preprocess import AudioDecodeError, ImageDecodeError, MediaError, d
 
 from serve.cache import LRUCache
 from serve.generation import (
+    END,
     GenerationJob,
+    GenerationWorker,
     RowEvent,
     Sampling,
     check_prompt_budget,
     count_prompt_tokens,
     encode_audio,
     encode_image,
-    generate_batch,
     query_token_counts,
 )
 from serve.protocol import (
@@ -122,21 +123,22 @@ class LLMDeployment:
         self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)
         self._generate_batch.set_max_batch_size(self.settings.llm_max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.settings.llm_batch_wait_s)
-        self.generate_calls: Counter[int] = Counter()  # rows per model.generate call -> calls
+        self.worker = GenerationWorker(self.model, self.settings.llm_max_batch_size, self.settings.torch_threads)
         self.requests = 0
 
     async def ping(self) -> dict[str, Any]:
         return replica_identity()
 
     async def stats(self) -> dict[str, Any]:
-        calls = sum(self.generate_calls.values())
-        rows = sum(size * n for size, n in self.generate_calls.items())
+        generate_calls = Counter(self.worker.calls)
+        calls = sum(generate_calls.values())
+        rows = sum(size * n for size, n in generate_calls.items())
         return {
             **replica_identity(),
             "requests": self.requests,
             "generate_calls": calls,
             "mean_batch_size": rows / calls if calls else 0.0,
-            "batch_size_histogram": dict(sorted(self.generate_calls.items())),
+            "batch_size_histogram": dict(sorted(generate_calls.items())),
             "encoder_cache": self.encoder_cache.stats(),
         }
 
@@ -209,28 +211,16 @@ class LLMDeployment:
             tokens[modality] = cached
         return tokens.get("vision"), tokens.get("audio"), report
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    # Up to 4 batches at once: while the model generates, the batches Serve forms wait in the
+    # GenerationWorker, which merges them into its next call (see its docstring).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=4)
     async def _generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
         """One list per generation step: a `RowEvent` (or None) per request; StopIteration ends one."""
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
-        end = object()
-
-        def on_step(events: list[RowEvent | None]) -> None:  # runs in the generation thread
-            loop.call_soon_threadsafe(steps.put_nowait, events)
-
-        def run() -> None:
-            try:
-                for size in generate_batch(self.model, jobs, on_step):
-                    self.generate_calls[size] += 1
-            except BaseException as err:  # handed to the event loop, raised there for every row
-                loop.call_soon_threadsafe(steps.put_nowait, err)
-            finally:
-                loop.call_soon_threadsafe(steps.put_nowait, end)
-
-        worker = loop.run_in_executor(None, run)
+        self.worker.submit(jobs, lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
         finished = [False] * len(jobs)
-        while (item := await steps.get()) is not end:
+        while (item := await steps.get()) is not END:
             if isinstance(item, BaseException):
                 raise item
             results = []
@@ -238,7 +228,6 @@ class LLMDeployment:
                 results.append(StopIteration if finished[i] else event)
                 finished[i] = finished[i] or (event is not None and event.done)
             yield results
-        await worker
 
 
 # ==================================================================================================

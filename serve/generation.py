@@ -12,6 +12,8 @@ Requests with different sampling settings cannot share one `generate` call; they
 
 from __future__ import annotations
 
+import threading
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -283,3 +285,74 @@ def generate_batch(
             streamer=streamer,
         )
     return [len(group) for group in groups]
+
+
+# --------------------------------------------------------------------------------------------------
+# One generation thread that merges waiting batches
+# --------------------------------------------------------------------------------------------------
+
+END = object()  # what `GenerationWorker` delivers last to each submitter
+
+
+class GenerationWorker:
+    """Runs `generate_batch` in one thread. Batches submitted while it generates wait; when it is
+    free, everything waiting (up to `max_rows` rows, first come first) goes into the next call.
+
+    Why: Ray Serve's `@serve.batch` forms the next batch while the current one runs, from what arrives
+    within its short wait, so under load it hands over many small batches, each of which would make
+    its own `generate` call. Merging them here makes the calls as large as the queue allows.
+
+    `submit(jobs, deliver)`: `deliver` is called from the worker thread with a list of len(jobs)
+    `RowEvent | None` per step, an exception if generation failed, and finally `END`.
+    """
+
+    def __init__(self, model: BuboGPT, max_rows: int, torch_threads: int | None = None):
+        self.model = model
+        self.max_rows = max_rows
+        self.torch_threads = torch_threads
+        self.calls: Counter[int] = Counter()  # rows per model.generate call -> calls
+        self._pending: deque[tuple[list[GenerationJob], Callable]] = deque()
+        self._wake = threading.Condition()
+        threading.Thread(target=self._run, name="generation", daemon=True).start()
+
+    def submit(self, jobs: list[GenerationJob], deliver: Callable) -> None:
+        with self._wake:
+            self._pending.append((jobs, deliver))
+            self._wake.notify()
+
+    def _take(self) -> list[tuple[list[GenerationJob], Callable]]:
+        with self._wake:
+            while not self._pending:
+                self._wake.wait()
+            taken = [self._pending.popleft()]
+            rows = len(taken[0][0])
+            while self._pending and rows + len(self._pending[0][0]) <= self.max_rows:
+                taken.append(self._pending.popleft())
+                rows += len(taken[-1][0])
+            return taken
+
+    def _run(self) -> None:
+        if self.torch_threads:  # OpenMP's thread count is per calling thread
+            torch.set_num_threads(self.torch_threads)
+        while True:
+            taken = self._take()
+            jobs = [job for submitted, _ in taken for job in submitted]
+            slices, start = [], 0
+            for submitted, deliver in taken:
+                slices.append((start, start + len(submitted), deliver))
+                start += len(submitted)
+
+            def on_step(events: list[RowEvent | None]) -> None:
+                for first, last, deliver in slices:
+                    if any(e is not None for e in events[first:last]):
+                        deliver(events[first:last])
+
+            try:
+                for size in generate_batch(self.model, jobs, on_step):
+                    self.calls[size] += 1
+            except BaseException as err:  # every submitter's requests fail with it
+                for _, _, deliver in slices:
+                    deliver(err)
+            finally:
+                for _, _, deliver in slices:
+                    deliver(END)

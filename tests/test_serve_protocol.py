@@ -10,7 +10,8 @@ import yaml
 
 from bubogpt.conversation import Conversation
 from serve.cache import LRUCache
-from serve.generation import GenerationJob, Sampling, count_prompt_tokens, generate_batch, partial_answer, query_token_counts
+from serve.generation import (END, GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
+                              partial_answer, query_token_counts)
 from serve.protocol import APIError, parse_chat, parse_completion, url_is_allowed
 from serve.settings import ServeSettings, SettingsError
 
@@ -193,6 +194,56 @@ def test_batch_with_per_row_limits_equals_each_row_generated_alone(tiny_model):
         embeds = tiny_model.embed_modalities(audio_tokens=job.audio_tokens, vision_tokens=job.vision_tokens)
         assembled = tiny_model.assemble([job.prompt], embeds, padding_side="left")
         assert job.prompt_tokens == assembled.inputs_embeds.shape[1]
+
+
+def test_worker_merges_batches_that_wait_while_it_generates(tiny_model):
+    """Three batches submitted while the worker is busy with a first one go into ONE next generate
+    call (up to max_rows), and each submitter gets the answers of its own rows, as alone."""
+    import threading
+
+    greedy = Sampling(False, 1.0, 0.9)
+    counts = query_token_counts(tiny_model.config)
+
+    def job(text, limit):
+        prompt = conversation(text)
+        return GenerationJob(prompt, count_prompt_tokens(tiny_model.tokenizer, counts, prompt), limit, greedy)
+
+    worker = GenerationWorker(tiny_model, max_rows=4)
+    first_step, release = threading.Event(), threading.Event()
+    answers, done = {}, {}
+
+    def deliver_to(name):
+        done[name] = threading.Event()
+
+        def deliver(item):
+            if item is END:
+                done[name].set()
+                return
+            assert not isinstance(item, BaseException), item
+            if name == "first" and not first_step.is_set():
+                first_step.set()
+                release.wait(30)  # hold the worker busy until the other batches are queued
+            for row, event in enumerate(item):
+                if event is not None and event.done:
+                    answers[(name, row)] = event.text
+
+        return deliver
+
+    batches = {"first": [job("hello there", 6)], "a": [job("What is in the picture?", 7), job("hi", 4)],
+               "b": [job("Tell me about the circle.", 9)], "c": [job("And the square?", 5), job("bye", 3)]}  # fmt: skip
+    worker.submit(batches["first"], deliver_to("first"))
+    assert first_step.wait(60)
+    for name in ("a", "b", "c"):
+        worker.submit(batches[name], deliver_to(name))
+    release.set()
+    for event in done.values():
+        assert event.wait(120)
+    # first alone, then a + b (3 rows); c (2 more rows) would exceed max_rows 4, so it runs next
+    assert sorted(worker.calls.elements()) == [1, 2, 3]
+    for name, jobs in batches.items():
+        for row, one in enumerate(jobs):
+            alone = tiny_model.generate([one.prompt], max_new_tokens=one.max_new_tokens)[0]
+            assert answers[(name, row)] == alone, (name, row)
 
 
 def test_different_sampling_settings_run_as_separate_calls(tiny_model):
