@@ -29,16 +29,15 @@ from bubogpt.grounding.result import (
 from bubogpt.grounding.scenes import GroundingScene, SceneObject, draw_scenes
 from bubogpt.grounding.training import HELD_OUT_STREAM
 
-# Floors under the shipped weights' measured held-out scores (bubogpt/assets/grounding_tiny/README.md):
-# detector and segmenter meet the targets set for them (box recall 0.85 / precision 0.8, mask IoU
-# 0.7); the tagger does not (F1 0.54 measured against the 0.9 aimed for), which also caps the
-# end-to-end mask score (objects the tagger misses get no mask). These floors catch a regression of
-# the weights or the code; they do not claim the tagger is good.
-TAG_F1_MIN = 0.5
+# The issue's targets, which the shipped weights meet on these held-out scenes (measured on the 60:
+# tag F1 0.96, box precision / recall 0.91 / 0.95 at the detector's thresholds, mask IoU 0.90 from
+# true boxes and 0.82 end to end; bubogpt/assets/grounding_tiny/README.md). A change that degrades
+# the weights or the pipeline below a target fails.
+TAG_F1_MIN = 0.9
 BOX_RECALL_MIN = 0.85
 BOX_PRECISION_MIN = 0.8
 MASK_IOU_FROM_TRUE_BOXES_MIN = 0.7
-MASK_IOU_END_TO_END_MIN = 0.55
+MASK_IOU_END_TO_END_MIN = 0.6
 # Other sizes and aspects: a swapped axis, an offset or a scale taken from the wrong image puts boxes
 # and masks elsewhere (scores near 0); scale changes alone cost some quality (SAM's 256-px input
 # shrinks the objects of a wide canvas).
@@ -247,10 +246,13 @@ def test_annotated_image_draws_masks_boxes_and_labels_in_the_entity_colour():
 
 
 @needs_weights
-def test_bubogpt_ground_prints_entities_and_spans_and_writes_the_png(held_out, tmp_path, capsys):
+def test_bubogpt_ground_prints_entities_and_spans_and_writes_the_png(pipeline, held_out, tmp_path, capsys):
     from workflows.cli import main
 
-    scene = next(s for s in held_out if len(s.objects) >= 2)
+    # A scene whose first two objects the pipeline grounds (its quality is scored above; here the
+    # command's output is checked): the tagger misses a kind in a few held-out scenes.
+    scene = next(s for s in held_out if len(s.objects) >= 2
+                 and {o.kind for o in s.objects[:2]} <= {e.label for e in pipeline.ground_image(s.image)})
     path = tmp_path / "scene.jpg"
     scene.image.save(path, quality=95)
     first, second = scene.objects[:2]

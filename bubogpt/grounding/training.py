@@ -644,7 +644,9 @@ class GroundingTrainingConfig:
     """The recipe of the shipped tiny weights (bubogpt/assets/grounding_tiny/README.md)."""
 
     seed: int = 0
-    tagger: LoopConfig = field(default_factory=lambda: LoopConfig(steps=400, batch_size=16, lr=1e-3, warmup_steps=40))
+    # A Swin learning from scratch-like features needs a low rate and many steps: at lr 1e-3 the tagger
+    # stayed at the prior for 600 steps; at 3e-4 it reached tag F1 0.85 after 2000 and 0.94 after 3500.
+    tagger: LoopConfig = field(default_factory=lambda: LoopConfig(steps=6000, batch_size=16, lr=3e-4, warmup_steps=100))
     segmenter: LoopConfig = field(default_factory=lambda: LoopConfig(steps=600, batch_size=4, lr=1e-3, warmup_steps=40))
     detector: LoopConfig = field(default_factory=lambda: LoopConfig(
         steps=7000, batch_size=8, lr=2e-4, warmup_steps=200, grad_clip=0.1))
@@ -654,7 +656,7 @@ class GroundingTrainingConfig:
     backbone_lr_ratio: float = 0.5  # the detector's Swin and text encoder
     detector_kind_map_weight: float = 2.0  # dense kind-map loss on the detector's Swin (0: off)
     tagger_from_detector: bool = True  # start the tagger's Swin from the trained detector's
-    tagger_backbone_lr_ratio: float = 0.1
+    tagger_backbone_lr_ratio: float = 1.0  # its last stage must learn kinds (probes on the detector's read them poorly)
     calibration_scenes: int = 200
     validation_scenes: int = 100
     evaluate_every: int = 1000  # detector recall/precision on validation scenes during training (0: never)
