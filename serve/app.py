@@ -53,7 +53,6 @@ from bubogpt.preprocess import AudioDecodeError, ImageDecodeError, MediaError, d
 
 from serve.cache import LRUCache
 from serve.generation import (
-    END,
     GenerationJob,
     GenerationWorker,
     RowEvent,
@@ -220,7 +219,7 @@ class LLMDeployment:
         steps: asyncio.Queue = asyncio.Queue()
         self.worker.submit(jobs, lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
         finished = [False] * len(jobs)
-        while (item := await steps.get()) is not END:
+        while (item := await steps.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             results = []

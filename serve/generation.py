@@ -291,9 +291,6 @@ def generate_batch(
 # One generation thread that merges waiting batches
 # --------------------------------------------------------------------------------------------------
 
-END = object()  # what `GenerationWorker` delivers last to each submitter
-
-
 class GenerationWorker:
     """Runs `generate_batch` in one thread. Batches submitted while it generates wait; when it is
     free, everything waiting (up to `max_rows` rows, first come first) goes into the next call.
@@ -303,7 +300,7 @@ class GenerationWorker:
     its own `generate` call. Merging them here makes the calls as large as the queue allows.
 
     `submit(jobs, deliver)`: `deliver` is called from the worker thread with a list of len(jobs)
-    `RowEvent | None` per step, an exception if generation failed, and finally `END`.
+    `RowEvent | None` per step, an exception if generation failed, and finally None.
     """
 
     def __init__(self, model: BuboGPT, max_rows: int, torch_threads: int | None = None):
@@ -355,4 +352,4 @@ class GenerationWorker:
                     deliver(err)
             finally:
                 for _, _, deliver in slices:
-                    deliver(END)
+                    deliver(None)

@@ -10,7 +10,7 @@ import yaml
 
 from bubogpt.conversation import Conversation
 from serve.cache import LRUCache
-from serve.generation import (END, GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
+from serve.generation import (GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
                               partial_answer, query_token_counts)
 from serve.protocol import APIError, parse_chat, parse_completion, url_is_allowed
 from serve.settings import ServeSettings, SettingsError
@@ -216,7 +216,7 @@ def test_worker_merges_batches_that_wait_while_it_generates(tiny_model):
         done[name] = threading.Event()
 
         def deliver(item):
-            if item is END:
+            if item is None:
                 done[name].set()
                 return
             assert not isinstance(item, BaseException), item
