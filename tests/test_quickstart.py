@@ -60,7 +60,11 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     results = json.loads((workdir / "requests.json").read_text())
     assert [r["request"] for r in results] == COMBINATIONS
     for result in results:
-        assert result["answer"].strip(), result
+        # A barely trained model may end its reply at once (an empty answer, finish "stop"); one that
+        # ran to the quickstart's 60-token limit wrote something.
+        assert result["finish_reason"] in ("stop", "length"), result
+        if result["finish_reason"] == "length":
+            assert result["completion_tokens"] == 60 and result["answer"].strip(), result
         for span in result["spans"]:
             assert result["answer"][span["start"]:span["end"]] == span["text"]
     # Annotated images for the requests with an image, at the size of the image sent.

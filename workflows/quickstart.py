@@ -203,7 +203,8 @@ def send_requests(url: str, corpus: Path, annotated: Path) -> list[dict]:
             path = annotated / f"{request['name']}.png"
             path.write_bytes(base64.b64decode(reply["annotated_image"]))
             print(f"    annotated image: {path}")
-        results.append({"request": request["name"], "answer": reply["answer"], "spans": reply.get("spans", [])})
+        results.append({"request": request["name"], "answer": reply["answer"], "spans": reply.get("spans", []),
+                        "finish_reason": reply["finish_reason"], "completion_tokens": reply["usage"]["completion_tokens"]})
     return results
 
 
