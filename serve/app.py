@@ -105,7 +105,7 @@ def replica_identity() -> dict[str, Any]:
 
 @serve.deployment(
     name="LLM",
-    max_ongoing_requests=32,  # >= the batch size, so batches can fill
+    max_ongoing_requests=32,  # >= batch size x concurrent batches: arrivals wait here for the next batch
     max_queued_requests=64,
     backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     health_check_period_s=5,
