@@ -4,7 +4,8 @@
                        1. read the body (size limit), parse it into a ChatRequest, check auth, limits
                           and that the media decode (4xx JSON errors that name the problem)
                        2. concurrently:  LLM.generate(chat)          encoders (cached by content hash)
-                                                                      + batched generate (@serve.batch)
+                                                                      + batched generate (@serve.batch,
+                                                                      merged by one GenerationWorker)
                                          Grounding.ground(image)     tags -> boxes -> masks, batched,
                                                                       cached by content hash
                        3. Grounding.match(answer, entities) -> answer spans
@@ -55,7 +56,6 @@ from serve.cache import LRUCache
 from serve.generation import (
     GenerationJob,
     GenerationWorker,
-    RowEvent,
     Sampling,
     check_prompt_budget,
     count_prompt_tokens,

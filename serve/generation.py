@@ -4,6 +4,8 @@
     ChatRequest --prepare_prompt--> prompt segments + their token count (checked against the limits)
     GenerationJob x B --generate_batch--> one `model.generate` per group of compatible rows, with a
                                           `BatchStreamer` turning each step's tokens into text deltas
+    GenerationWorker                      one thread that runs generate_batch on all the batches
+                                          that waited while it was busy
 
 A batch mixes requests with different `max_new_tokens`: the call runs to the largest and every row
 is cut at its own limit by the streamer, so each row's answer equals what it would get alone.
