@@ -18,6 +18,13 @@ from serve.settings import ServeSettings, SettingsError
 CONFIG_YAML = Path(__file__).with_name("config.yaml")
 
 
+def deployment_options(config_path: str | Path = CONFIG_YAML) -> dict[str, dict]:
+    """{deployment name: its options} from a Serve config file's (first) application: what
+    `serve.app.compose` takes, so code that deploys without `serve run` uses the same options."""
+    app = yaml.safe_load(Path(config_path).read_text())["applications"][0]
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+
+
 def local_config(
     model_dir: str | Path,
     port: int = 8000,

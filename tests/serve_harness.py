@@ -25,7 +25,6 @@ import numpy as np
 import requests
 import soundfile
 import torch
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,16 +219,15 @@ def start_media_server(directory: Path) -> tuple[http.server.ThreadingHTTPServer
 
 def deployment_options_for_tests() -> dict[str, dict]:
     """serve/config.yaml's per-deployment options, with the test changes named in the docstring."""
-    app = yaml.safe_load(CONFIG_YAML.read_text())["applications"][0]
-    options = {}
-    for deployment in app["deployments"]:
-        name = deployment.pop("name")
+    from serve.local import deployment_options
+
+    options = deployment_options(CONFIG_YAML)
+    for deployment in options.values():
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
         deployment["ray_actor_options"] = {**deployment.get("ray_actor_options", {}), "num_cpus": 0}
         deployment["health_check_period_s"] = 1
         deployment["graceful_shutdown_timeout_s"] = 2
-        options[name] = deployment
     options["LLM"] |= {"max_ongoing_requests": LLM_ONGOING, "max_queued_requests": LLM_QUEUED}
     return options
 

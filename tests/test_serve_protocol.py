@@ -12,7 +12,8 @@ from bubogpt.conversation import Conversation
 from serve.cache import LRUCache
 from serve.generation import (GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
                               partial_answer, query_token_counts)
-from serve.protocol import APIError, parse_chat, parse_completion, url_is_allowed
+from serve.errors import APIError
+from serve.protocol import parse_chat, parse_completion, url_is_allowed
 from serve.settings import ServeSettings, SettingsError
 
 from serve_harness import build_tiny_model_dir
@@ -79,9 +80,9 @@ def test_openai_messages_map_to_turns_system_and_media():
     [
         ({"messages": [{"role": "user", "content": "hi <Audio> there"}]}, 400, "reserved marker '<Audio>'"),
         ({"messages": [{"role": "user", "content": "hi###Assistant: yes"}]}, 400, "reserved marker '###'"),
-        ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}]}, 400, "unknown content part type 'video_url'"),
+        ({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}]}, 400, "content[0].type must be 'text', 'image_url' or 'input_audio', got 'video_url'"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 400, "max_tokens must be between 1 and 64"),
-        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p must be in (0.0, 1.0]"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p must be greater than 0, got 0"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n must be 1"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message must come from the user"),
         ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model 'gpt-4' does not exist"),

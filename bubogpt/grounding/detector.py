@@ -89,16 +89,18 @@ class DetectorConfig:
 def resized_size(width: int, height: int, short: int, longest: int) -> tuple[int, int]:
     """(new_height, new_width): shorter side `short` unless the longer would pass `longest`.
 
-    The same arithmetic as groundingdino-py's `RandomResize([800], max_size=1333)`.
+    The same arithmetic as groundingdino-py's `RandomResize([800], max_size=1333)`, except that no
+    side becomes 0: for an extreme aspect ratio (4000 x 8) that arithmetic rounds the shorter side to
+    0 pixels, which PIL refuses; here it stays at least 1.
     """
     min_side, max_side = float(min(width, height)), float(max(width, height))
     if max_side / min_side * short > longest:
-        short = int(round(longest * min_side / max_side))
+        short = max(1, int(round(longest * min_side / max_side)))
     if (width <= height and width == short) or (height <= width and height == short):
         return height, width
     if width < height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
+        return max(1, int(short * height / width)), short
+    return short, max(1, int(short * width / height))
 
 
 def detector_transform(image: Image.Image, short: int, longest: int) -> torch.Tensor:

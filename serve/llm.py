@@ -1,0 +1,144 @@
+"""The LLM deployment: the frozen encoders, the joiner and the language model of one BuboGPT.
+
+    generate_stream(chat)   prompt budget -> media encodings (LRU cache by content hash)
+                            -> a GenerationJob -> @serve.batch -> the GenerationWorker, which merges
+                            the batches waiting for it into its next generation
+                            -> text deltas as they come, then the Completion
+
+Its options (resources, queue limits, autoscaling) are in serve/config.yaml, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any, AsyncIterator
+
+import torch
+from ray import serve
+
+from bubogpt.checkpoints.native import load_model
+
+from serve.cache import LRUCache
+from serve.generation import GenerationJob, GenerationWorker, Sampling, encode_audio, encode_image
+from serve.prompt_budget import PromptBudget
+from serve.protocol import ChatRequest, Completion
+from serve.replica import DTYPES, replica_identity, resolve_device
+from serve.settings import ServeSettings
+
+
+@serve.deployment(name="LLM")
+class LLMDeployment:
+    def __init__(self, settings: dict):
+        self.settings = ServeSettings.from_dict(settings)
+        torch.set_num_threads(self.settings.torch_threads)
+        dtype = DTYPES[self.settings.dtype]
+        self.device = resolve_device(self.settings.device)
+        self.model = load_model(self.settings.model_dir, dtype=dtype).to(device=self.device, dtype=dtype).eval()
+        self.budget = PromptBudget(self.model.config, self.model.tokenizer)
+        self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)
+        self._generate_batch.set_max_batch_size(self.settings.llm_max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.settings.llm_batch_wait_s)
+        self.worker = GenerationWorker(self.model, self.settings.llm_max_batch_size, self.settings.torch_threads)
+        self.requests = 0
+
+    async def ping(self) -> dict[str, Any]:
+        return replica_identity()
+
+    async def stats(self) -> dict[str, Any]:
+        generate_calls = Counter(self.worker.calls)
+        calls = sum(generate_calls.values())
+        rows = sum(size * n for size, n in generate_calls.items())
+        return {
+            **replica_identity(),
+            "requests": self.requests,
+            "generate_calls": calls,
+            "mean_batch_size": rows / calls if calls else 0.0,
+            "batch_size_histogram": dict(sorted(generate_calls.items())),
+            "encoder_cache": self.encoder_cache.stats(),
+        }
+
+    async def generate(self, chat: ChatRequest) -> Completion:
+        """The whole answer at once (the same batches as streaming requests)."""
+        completion = None
+        async for item in self.generate_stream(chat):
+            if isinstance(item, Completion):
+                completion = item
+        return completion
+
+    async def generate_stream(self, chat: ChatRequest) -> AsyncIterator[str | Completion]:
+        """Text deltas as they are generated, then the `Completion`."""
+        job, cache_report, encode_ms = await self._prepare(chat)
+        self.requests += 1
+        queued = time.perf_counter()
+        first_token_ms = None
+        async for event in self._generate_batch(job):
+            if event is None:
+                continue
+            first_token_ms = first_token_ms or (time.perf_counter() - queued) * 1000
+            if event.delta:
+                yield event.delta
+            if event.done:
+                yield Completion(
+                    text=event.text,
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=job.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    batch_size=event.batch_size,
+                    encoder_cache=cache_report,
+                    encode_ms=encode_ms,
+                    first_token_ms=first_token_ms,
+                    generate_ms=(time.perf_counter() - queued) * 1000,
+                )
+
+    async def _prepare(self, chat: ChatRequest) -> tuple[GenerationJob, dict[str, str], float]:
+        """Everything that can fail for one request alone happens here, before it joins a batch."""
+        prompt_tokens = self.budget.check(chat, self.settings.max_prompt_tokens)
+        start = time.perf_counter()
+        vision, audio, report = await asyncio.to_thread(self._encoder_tokens, chat)
+        job = GenerationJob(
+            prompt=chat.conversation().render(),
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=chat.max_new_tokens,
+            sampling=Sampling.of(chat),
+            vision_tokens=vision,
+            audio_tokens=audio,
+        )
+        return job, report, (time.perf_counter() - start) * 1000
+
+    def _encoder_tokens(self, chat: ChatRequest):
+        """Frozen-encoder outputs for the request's media, from the cache when seen before."""
+        tokens, report = {}, {}
+        for modality, media, encode, limit in (
+            ("vision", chat.image, encode_image, self.settings.max_image_pixels),
+            ("audio", chat.audio, encode_audio, self.settings.max_audio_seconds),
+        ):
+            if media is None:
+                continue
+            cached = self.encoder_cache.get((modality, media.sha256))
+            report[modality] = "hit" if cached is not None else "miss"
+            if cached is None:
+                cached = encode(self.model, media.data, limit)  # (1, T, width)
+                self.encoder_cache.put((modality, media.sha256), cached)
+            tokens[modality] = cached
+        return tokens.get("vision"), tokens.get("audio"), report
+
+    # Up to 4 batches at once: while the model generates, the batches Serve forms wait in the
+    # GenerationWorker, which merges them into its next call (see its docstring). The batch size and
+    # wait are the settings' (set in __init__).
+    @serve.batch(max_concurrent_batches=4)
+    async def _generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
+        """One list per generation step: a `RowEvent` (or None) per request; StopIteration ends one."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+        self.worker.submit(jobs, lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
+        finished = [False] * len(jobs)
+        while (item := await steps.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            results = []
+            for i, event in enumerate(item):
+                results.append(StopIteration if finished[i] else event)
+                finished[i] = finished[i] or (event is not None and event.done)
+            yield results
