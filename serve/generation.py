@@ -8,8 +8,10 @@
                                           that waited while it was busy
 
 A batch mixes requests with different `max_new_tokens`: the call runs to the largest and every row
-is cut at its own limit by the streamer, so each row's answer equals what it would get alone.
-Requests with different sampling settings cannot share one `generate` call; they are grouped.
+is cut at its own limit (and its own stop strings) by the streamer, so each row's answer equals what
+it would get alone. Requests with different sampling settings cannot share one `generate` call; they
+are grouped. A sampled request with a seed runs alone, with the random generator seeded: the same
+seed and request give the same sample whatever else the replica is doing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class GenerationJob:
     sampling: Sampling
     vision_tokens: torch.Tensor | None = None  # (1, 1 + patches, vision_width)
     audio_tokens: torch.Tensor | None = None  # (1, 1 + patches, audio_width)
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (finish_reason "stop")
+    seed: int | None = None  # sampled rows only: the same seed and request give the same sample
 
 
 @dataclass
@@ -165,13 +169,32 @@ def partial_answer(raw: str, end_sym: str) -> str:
     return clean_answer(text, end_sym)
 
 
+def hold_back_stop_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """`text` without a tail that may be the start of a stop string (it may still be cut there)."""
+    cut = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), cut, -1):
+            if text.endswith(stop[:k]):
+                cut = k
+                break
+    return text[: len(text) - cut]
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str | None:
+    """`text` before the first stop string it contains, or None if it contains none."""
+    found = [text.index(stop) for stop in stops if stop in text]
+    return text[: min(found)] if found else None
+
+
 class _Row:
-    def __init__(self, tokenizer, end_sym: str, limit: int, stop_ids: set[int], batch_size: int):
+    def __init__(self, tokenizer, end_sym: str, limit: int, stop_ids: set[int], batch_size: int,
+                 stops: tuple[str, ...] = ()):  # fmt: skip
         self.tokenizer = tokenizer
         self.end_sym = end_sym
         self.limit = limit
         self.stop_ids = stop_ids
         self.batch_size = batch_size
+        self.stops = stops
         self.tokens: list[int] = []
         self.emitted = ""
         self.done = False
@@ -186,11 +209,11 @@ class _Row:
             return self.finish("stop")
         self.tokens.append(token)
         raw = self._decode()
-        if self.end_sym in raw:
+        if self.end_sym in raw or cut_at_stop(clean_answer(raw, self.end_sym), self.stops) is not None:
             return self.finish("stop")
         if len(self.tokens) >= self.limit:
             return self.finish("length")
-        visible = partial_answer(raw, self.end_sym)
+        visible = hold_back_stop_prefix(partial_answer(raw, self.end_sym), self.stops)
         if len(visible) > len(self.emitted) and visible.startswith(self.emitted):
             delta, self.emitted = visible[len(self.emitted):], visible
             return RowEvent(delta)
@@ -199,10 +222,16 @@ class _Row:
     def finish(self, reason: str) -> RowEvent:
         self.done = True
         text = clean_answer(self._decode(), self.end_sym)
+        cut = cut_at_stop(text, self.stops)
+        text = text if cut is None else cut
         # The deltas so far are a prefix of the answer, except in a pathological reply (a second
         # "Assistant:" after streaming began); then `text` is authoritative.
         delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
         return RowEvent(delta, True, text, reason, len(self.tokens), self.batch_size)
+
+
+class _AllRowsDone(Exception):
+    """Ends a `generate` call from its streamer once every row has its answer."""
 
 
 class BatchStreamer:
@@ -213,9 +242,11 @@ class BatchStreamer:
     a `RowEvent` or None for each row.
     """
 
-    def __init__(self, tokenizer, end_sym: str, limits: list[int], on_step: Callable[[list[RowEvent | None]], None]):
+    def __init__(self, tokenizer, end_sym: str, limits: list[int], on_step: Callable[[list[RowEvent | None]], None],
+                 stops: list[tuple[str, ...]] | None = None):  # fmt: skip
         stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-        self.rows = [_Row(tokenizer, end_sym, limit, stop_ids, len(limits)) for limit in limits]
+        stops = stops or [()] * len(limits)
+        self.rows = [_Row(tokenizer, end_sym, limit, stop_ids, len(limits), s) for limit, s in zip(limits, stops)]
         self.on_step = on_step
 
     def put(self, value: torch.Tensor) -> None:
@@ -224,6 +255,8 @@ class BatchStreamer:
         events = [row.add(int(token)) for row, token in zip(self.rows, value.view(-1).tolist())]
         if any(e is not None for e in events):
             self.on_step(events)
+        if all(row.done for row in self.rows):  # e.g. every row met a stop string: no step is needed
+            raise _AllRowsDone
 
     def end(self) -> None:
         events = [None if row.done else row.finish("length" if len(row.tokens) >= row.limit else "stop")
@@ -239,10 +272,12 @@ class BatchStreamer:
 
 def plan_groups(jobs: list[GenerationJob], context_tokens: int) -> list[list[int]]:
     """Indices of jobs that can share one `generate` call: same sampling settings, and the longest
-    prompt plus the largest max_new_tokens within the context (else the rows run one by one)."""
-    by_sampling: dict[Sampling, list[int]] = {}
+    prompt plus the largest max_new_tokens within the context (else the rows run one by one). A
+    sampled job with a seed is a group of its own (its sample must not depend on its neighbours)."""
+    by_sampling: dict[object, list[int]] = {}
     for i, job in enumerate(jobs):
-        by_sampling.setdefault(job.sampling, []).append(i)
+        seeded = job.sampling.do_sample and job.seed is not None
+        by_sampling.setdefault((job.sampling, i) if seeded else job.sampling, []).append(i)
     groups = []
     for indices in by_sampling.values():
         longest = max(jobs[i].prompt_tokens for i in indices)
@@ -273,19 +308,23 @@ def generate_batch(
 
         sampling = jobs[group[0]].sampling
         limits = [jobs[i].max_new_tokens for i in group]
-        streamer = BatchStreamer(model.tokenizer, model.config.end_sym, limits, scatter)
+        streamer = BatchStreamer(model.tokenizer, model.config.end_sym, limits, scatter, [jobs[i].stop for i in group])
         vision = _stack([jobs[i].vision_tokens for i in group])
         audio = _stack([jobs[i].audio_tokens for i in group])
-        model.generate(
-            [jobs[i].prompt for i in group],
-            vision_tokens=None if vision is None else vision.to(device),
-            audio_tokens=None if audio is None else audio.to(device),
-            max_new_tokens=max(limits),
-            do_sample=sampling.do_sample,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            streamer=streamer,
-        )
+        try:
+            model.generate(
+                [jobs[i].prompt for i in group],
+                vision_tokens=None if vision is None else vision.to(device),
+                audio_tokens=None if audio is None else audio.to(device),
+                max_new_tokens=max(limits),
+                do_sample=sampling.do_sample,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                streamer=streamer,
+                seed=jobs[group[0]].seed if sampling.do_sample and len(group) == 1 else None,
+            )
+        except _AllRowsDone:
+            pass
     return [len(group) for group in groups]
 
 
@@ -312,17 +351,36 @@ class GenerationWorker:
         self.calls: Counter[int] = Counter()  # rows per model.generate call -> calls
         self._pending: deque[tuple[list[GenerationJob], Callable]] = deque()
         self._wake = threading.Condition()
-        threading.Thread(target=self._run, name="generation", daemon=True).start()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the generation thread runs (the deployment's health check asks)."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """End the thread after the current call; what waits fails with an error."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
 
     def submit(self, jobs: list[GenerationJob], deliver: Callable) -> None:
         with self._wake:
+            if self._stopping:
+                raise RuntimeError("the generation worker has stopped")
             self._pending.append((jobs, deliver))
             self._wake.notify()
 
-    def _take(self) -> list[tuple[list[GenerationJob], Callable]]:
+    def _take(self) -> list[tuple[list[GenerationJob], Callable]] | None:
         with self._wake:
-            while not self._pending:
+            while not self._pending and not self._stopping:
                 self._wake.wait()
+            if self._stopping:
+                for _, deliver in self._pending:
+                    deliver(RuntimeError("the generation worker has stopped"))
+                    deliver(None)
+                return None
             taken = [self._pending.popleft()]
             rows = len(taken[0][0])
             while self._pending and rows + len(self._pending[0][0]) <= self.max_rows:
@@ -333,8 +391,7 @@ class GenerationWorker:
     def _run(self) -> None:
         if self.torch_threads:  # OpenMP's thread count is per calling thread
             torch.set_num_threads(self.torch_threads)
-        while True:
-            taken = self._take()
+        while (taken := self._take()) is not None:
             jobs = [job for submitted, _ in taken for job in submitted]
             slices, start = [], 0
             for submitted, deliver in taken:

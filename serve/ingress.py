@@ -48,6 +48,7 @@ from serve.protocol import (
     parse_completion,
     sse_event,
     usage,
+    usage_chunk,
 )
 from serve.replica import replica_identity
 from serve.schemas import ChatBody, ChatCompletionRequest, add_schemas, openapi_body
@@ -111,8 +112,15 @@ class ChatIngress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "bubogpt"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    @api.get("/v1/models/{model_id}")
+    async def model_info(self, model_id: str, request: Request) -> JSONResponse:
+        self._authorize(request)
+        if model_id != self.model_name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                           "model", kind="not_found_error")  # fmt: skip
+        return JSONResponse(self._model())
 
     @api.get("/v1/metrics")
     async def metrics(self, request: Request) -> JSONResponse:
@@ -150,6 +158,9 @@ class ChatIngress:
             return await self._with_timeout(self._start_stream(chat))
         answer = await self._with_timeout(self._answer(chat))
         return JSONResponse(completion_body(self.model_name, answer))
+
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "bubogpt"}
 
     # -- composition -------------------------------------------------------------------------------
 
@@ -206,11 +217,12 @@ class ChatIngress:
             if isinstance(err, Exception):
                 raise api_error_for(err, "LLM") from err
             raise
-        events = self._events(first, deltas, ground_task, deadline)
+        events = self._events(first, deltas, ground_task, deadline, chat.include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _events(self, first, deltas, ground_task, deadline: float) -> AsyncIterator[bytes]:
-        """OpenAI chunks: the role, one chunk per text delta, then finish_reason + usage + grounding."""
+    async def _events(self, first, deltas, ground_task, deadline: float, include_usage: bool) -> AsyncIterator[bytes]:
+        """OpenAI chunks: the role, one chunk per text delta, then finish_reason + usage + grounding,
+        and with `include_usage` a last chunk with `choices: []` and the usage."""
         chunk_id, created = completion_id(), int(time.time())
 
         def chunk(delta: dict, finish_reason: str | None = None, **extra: Any) -> bytes:
@@ -231,6 +243,8 @@ class ChatIngress:
             answer = Answer(item, grounding, await self._match(item.text, grounding), {})
             yield chunk({}, item.finish_reason, usage=usage(item), grounding=answer.grounding_body(),
                         generation_batch_size=item.batch_size)  # fmt: skip
+            if include_usage:
+                yield sse_event(usage_chunk(chunk_id, created, self.model_name, item))
             yield sse_event("[DONE]")
         except Exception as err:
             error = err if isinstance(err, APIError) else api_error_for(err, component)

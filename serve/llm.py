@@ -104,6 +104,8 @@ class LLMDeployment:
             sampling=Sampling.of(chat),
             vision_tokens=vision,
             audio_tokens=audio,
+            stop=chat.stop,
+            seed=chat.seed,
         )
         return job, report, (time.perf_counter() - start) * 1000
 

@@ -74,6 +74,22 @@ def serve_app(ray_session, tmp_path_factory):
     stop()
 
 
+@pytest.fixture(scope="session")
+def reference(serve_app):
+    """The server's model directory, loaded here: what the server's answers must equal."""
+    from bubogpt.checkpoints.native import load_model
+
+    return load_model(serve_app.model_dir)
+
+
+@pytest.fixture(scope="session")
+def direct_grounding(serve_app):
+    """The grounding pipeline from the server's weights, called directly: what the server's must equal."""
+    from bubogpt.grounding.pipeline import TINY_ASSETS, load_tiny_grounding
+
+    return load_tiny_grounding(serve_app.settings["grounding_dir"] or TINY_ASSETS)
+
+
 # --- training (workflows/train.py): a real MLflow server and ONE short training shared by all tests ---
 
 

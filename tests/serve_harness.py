@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: a tiny model directory, test media, and the running application.
+"""Helpers for the serving tests: a tiny model directory, test media, the answers of the model library
+called directly (what the server must equal), and the running application.
 
 The application is started ONCE per test session (the `serve_app` fixture in conftest.py) on a
 loopback port, with the deployment options of serve/config.yaml except: one replica each (no
@@ -10,6 +11,7 @@ session's Ray), a fast health check (the fault test waits for a restart), and a 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import http.server
 import io
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import soundfile
 import torch
@@ -191,6 +194,71 @@ def b64(data: bytes) -> str:
 
 def data_url(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64,{b64(data)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent answers: the model library and the grounding pipeline called directly
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_answer(model, turns, image=None, audio=None, max_new_tokens=12):
+    """What the model library itself answers (no serving code): turns: [(role, text)], the media
+    opening the first user turn. Greedy, like temperature 0. Returns (answer, prompt tokens)."""
+    from bubogpt.conversation import Conversation
+    from bubogpt.preprocess import (AudioPreprocessConfig, ImagePreprocessConfig, decode_image, image_transform,
+                                    load_audio_fbank)
+
+    conversation = Conversation()
+    modalities = [m for m, media in (("vision", image), ("audio", audio)) if media is not None]
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            conversation.add_user(text, modalities if i == 0 else ())
+        else:
+            conversation.add_assistant(text)
+    pixels = fbank = None
+    if image is not None:
+        pixels = image_transform(ImagePreprocessConfig(image_size=model.config.vision.img_size))(decode_image(image))[None]
+    if audio is not None:
+        config = AudioPreprocessConfig(
+            num_clips=model.config.audio_clips,
+            num_mel_bins=model.config.audio.num_mel_bins,
+            target_length=model.config.audio.target_length,
+        )
+        fbank = load_audio_fbank(audio, config)[None]
+    prompt = conversation.render()
+    with torch.no_grad():
+        answer = model.generate([prompt], audio=fbank, image=pixels, max_new_tokens=max_new_tokens, do_sample=False)[0]
+        embeds = model.embed_modalities(audio=fbank, image=pixels)
+        prompt_tokens = model.assemble([prompt], embeds, padding_side="left").inputs_embeds.shape[1]
+    return answer, prompt_tokens
+
+
+def check_grounding(body, image, pipeline):
+    """Entities equal the pipeline's own for the decoded image (up to float noise between processes),
+    masks decode to the image size, the PNG is the pipeline's drawing, spans are its matches."""
+    from bubogpt.grounding.result import Entity, annotate_image, decode_mask
+    from bubogpt.preprocess import decode_image
+
+    decoded = decode_image(image)
+    expected = pipeline.ground_image(decoded)
+    served = [Entity(**e) for e in body["entities"]]
+    assert [(e.id, e.label, e.colour, e.attributes, len(e.boxes)) for e in served] == [
+        (e.id, e.label, e.colour, e.attributes, len(e.boxes)) for e in expected
+    ]
+    for got, want in zip(served, expected):
+        assert got.score == pytest.approx(want.score, abs=2e-3)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=0.5)
+        for got_rle, want_rle in zip(got.masks, want.masks):
+            got_mask, want_mask = decode_mask(got_rle), decode_mask(want_rle)
+            assert got_mask.shape == (decoded.height, decoded.width)
+            assert (got_mask & want_mask).sum() >= 0.98 * (got_mask | want_mask).sum()
+    annotated = Image.open(io.BytesIO(base64.b64decode(body["annotated_image"])))
+    assert annotated.format == "PNG" and annotated.size == decoded.size
+    drawn = np.asarray(annotate_image(decoded, served), dtype=np.int16)
+    assert np.abs(np.asarray(annotated.convert("RGB"), dtype=np.int16) - drawn).max() == 0
+    assert body["spans"] == [dataclasses.asdict(span) for span in pipeline.match(body["answer"], served)]
+    for span in body["spans"]:
+        assert body["answer"][span["start"]:span["end"]] == span["text"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import yaml
 from bubogpt.conversation import Conversation
 from serve.cache import LRUCache
 from serve.generation import (GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
-                              partial_answer, query_token_counts)
+                              hold_back_stop_prefix, partial_answer, query_token_counts)
 from serve.errors import APIError
 from serve.protocol import parse_chat, parse_completion, url_is_allowed
 from serve.settings import ServeSettings, SettingsError
@@ -259,12 +259,59 @@ def test_different_sampling_settings_run_as_separate_calls(tiny_model):
     assert sorted(generate_batch(tiny_model, jobs, lambda step: None)) == [1, 2]
 
 
+def test_stop_strings_cut_each_row_and_the_stream_never_shows_them(tiny_model):
+    """Rows of one batch with their own stop strings: each answer is the row's answer alone, cut
+    before the first stop string it contains (finish 'stop'); the deltas add up to it."""
+    greedy = Sampling(False, 1.0, 0.9)
+    counts = query_token_counts(tiny_model.config)
+    texts = ["hello there", "What is in the picture?", "Tell me about the circle."]
+    alone = [tiny_model.generate([conversation(t)], max_new_tokens=24)[0] for t in texts]
+    assert all(len(a) >= 8 for a in alone), alone
+    middle = [a[len(a) // 2: len(a) // 2 + 3] for a in alone]
+    stops = [(middle[0],), (middle[1], "\u2603"), ()]  # the third row: no stop string
+    jobs = [GenerationJob(conversation(t), count_prompt_tokens(tiny_model.tokenizer, counts, conversation(t)), 24,
+                          greedy, stop=stop) for t, stop in zip(texts, stops)]  # fmt: skip
+    events = [[] for _ in jobs]
+    generate_batch(tiny_model, jobs, lambda step: [events[i].append(e) for i, e in enumerate(step) if e is not None])
+    for answer, stop, row_events in zip(alone, stops, events):
+        final = row_events[-1]
+        expected = answer[: answer.index(stop[0])] if stop else answer
+        assert final.done and final.text == expected
+        assert "".join(e.delta for e in row_events) == expected
+        if stop:
+            assert final.finish_reason == "stop"
+
+
+def test_a_seeded_sampled_row_runs_alone_and_repeats_its_sample(tiny_model):
+    counts = query_token_counts(tiny_model.config)
+    hot = Sampling(True, 2.0, 1.0)
+
+    def job(text, seed=None):
+        prompt = conversation(text)
+        return GenerationJob(prompt, count_prompt_tokens(tiny_model.tokenizer, counts, prompt), 16, hot, seed=seed)
+
+    def answers(jobs):
+        finals = {}
+        sizes = generate_batch(tiny_model, jobs, lambda step: finals.update(
+            {i: e.text for i, e in enumerate(step) if e is not None and e.done}))  # fmt: skip
+        return [finals[i] for i in range(len(jobs))], sizes
+
+    (alone,), _ = answers([job("hello there", seed=5)])
+    (_, crowded, _), sizes = answers([job("hi"), job("hello there", seed=5), job("bye")])
+    assert crowded == alone
+    assert sorted(sizes) == [1, 2]  # the seeded row was a generate call of its own
+    others = {answers([job("hello there", seed=s)])[0][0] for s in (1, 2, 3)}
+    assert len(others | {alone}) >= 2, "every seed sampled the same answer"
+
+
 def test_partial_answer_holds_back_what_may_still_change():
     assert partial_answer(" The red circle#", "###") == "The red circle"  # maybe the stop string
     assert partial_answer(" The red circle ##", "###") == "The red circle"
     assert partial_answer(" Assis", "###") == ""  # maybe a repeated role tag, which is dropped
     assert partial_answer(" Assistant: a", "###") == "a"
     assert partial_answer(" caf\ufffd", "###") == "caf"  # an incomplete UTF-8 character
+    assert hold_back_stop_prefix("The red cir", ("circle", "blue")) == "The red "  # maybe "circle"
+    assert hold_back_stop_prefix("The red circus", ("circle",)) == "The red circus"
 
 
 # -- config and CLI --------------------------------------------------------------------------------
