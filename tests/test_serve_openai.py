@@ -171,3 +171,15 @@ def test_extreme_aspect_ratio_images_work_end_to_end(client, model_id, reference
     check_grounding({**grounding, "answer": expected}, image, direct_grounding)  # as the pipeline grounds it
     for entity in grounding["entities"]:
         assert all(mask["size"] == [height, width] for mask in entity["masks"])
+
+
+@pytest.mark.parametrize("width, height", [(4000, 8), (8, 4000), (4000, 1), (1, 4000), (1, 1)])
+def test_every_grounding_stage_takes_extreme_shapes(direct_grounding, width, height):
+    """The pipeline itself (no serving code): the detector's and SAM's resizes keep every side at
+    least one pixel, so tagging, detection and a box prompt's mask all work on these shapes."""
+    pixels = np.asarray(Image.fromarray(scene(11).pixels).resize((width, height), Image.BILINEAR))
+    entities = direct_grounding.ground_image(Image.fromarray(pixels))
+    for entity in entities:
+        assert all(mask["size"] == [height, width] for mask in entity.masks)
+    masks = direct_grounding.segmenter.segment(pixels, [[0, 0, width, height]])  # SAM even if nothing was found
+    assert masks.shape == (1, height, width)
