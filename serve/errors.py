@@ -53,6 +53,10 @@ class APIError(ValueError):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ReplicaUnhealthyError(RuntimeError):
+    """A replica that fails its health check (Serve is replacing it) was asked to work."""
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
 
@@ -79,7 +83,7 @@ def api_error_for(err: BaseException, component: str) -> APIError:
         retry = {"Retry-After": str(max(1, math.ceil(cause.retry_after_s or RETRY_AFTER_S)))}
         message = f"the {component} deployment is at capacity; retry later"
         return APIError(503, message, kind="overloaded", headers=retry)
-    if isinstance(cause, (RayActorError, DeploymentUnavailableError)):  # e.g. its process died mid-request
+    if isinstance(cause, (RayActorError, DeploymentUnavailableError, ReplicaUnhealthyError)):  # e.g. it died
         return APIError(503, f"the {component} replica failed while handling the request; retry",
                         kind="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
     if isinstance(cause, (asyncio.TimeoutError, TimeoutError)):

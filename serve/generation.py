@@ -360,10 +360,11 @@ class GenerationWorker:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """End the thread after the current call; what waits fails with an error."""
+        """End the thread after the current call (and wait for it); what waits fails with an error."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
+        self._thread.join()
 
     def submit(self, jobs: list[GenerationJob], deliver: Callable) -> None:
         with self._wake:

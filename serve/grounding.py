@@ -23,8 +23,9 @@ from ray import serve
 from bubogpt.preprocess import ImageDecodeError, decode_image
 
 from serve.cache import LRUCache
+from serve.metrics import GroundingMetrics
 from serve.protocol import Media
-from serve.replica import replica_identity, resolve_device
+from serve.replica import probe_device, replica_identity, resolve_device
 from serve.settings import ServeSettings
 
 
@@ -69,9 +70,15 @@ class GroundingDeployment:
         self._ground_batch.set_max_batch_size(self.settings.grounding_max_batch_size)
         self._ground_batch.set_batch_wait_timeout_s(self.settings.grounding_batch_wait_s)
         self.batch_sizes: Counter[int] = Counter()
+        self.metrics = GroundingMetrics()
 
     async def ping(self) -> dict[str, Any]:
         return replica_identity()
+
+    async def check_health(self) -> None:
+        """Serve calls it every health_check_period_s; a failure makes Serve replace the replica.
+        Grounding runs in the request's own thread (no worker to lose): the models' device is checked."""
+        await asyncio.to_thread(probe_device, self.device)
 
     async def stats(self) -> dict[str, Any]:
         return {**replica_identity(), "batch_size_histogram": dict(sorted(self.batch_sizes.items())),
@@ -80,10 +87,12 @@ class GroundingDeployment:
     async def ground(self, image: Media) -> dict[str, Any]:
         """{"entities": [...], "annotated_image": base64 PNG, "cache": "hit"|"miss", "batch_size": n}."""
         cached = self.cache.get(image.sha256)
+        self.metrics.cache.record("grounding", cached is not None)
         if cached is not None:
             return {**cached, "cache": "hit"}
-        pixels = await asyncio.to_thread(decode_image, image.data, self.settings.max_image_pixels)
-        result = await self._ground_batch(pixels)
+        with self.metrics.queue.held():
+            pixels = await asyncio.to_thread(decode_image, image.data, self.settings.max_image_pixels)
+            result = await self._ground_batch(pixels)
         if isinstance(result, ValueError):  # an image the grounding models cannot use: the client's 400
             raise ImageDecodeError(f"grounding cannot use this image: {result}")
         if isinstance(result, Exception):

@@ -35,6 +35,7 @@ from serve import errors
 from serve.cache import LRUCache
 from serve.errors import RETRY_AFTER_S, APIError, api_error_for, original_exception
 from serve.http_input import content_type, fetch_image, parse_json, parse_multipart, parse_urlencoded, read_body
+from serve.metrics import IngressMetrics
 from serve.prompt_budget import PromptBudget
 from serve.protocol import (
     Answer,
@@ -69,6 +70,26 @@ def openapi() -> dict:
 
 
 api.openapi = openapi
+
+
+@api.middleware("http")
+async def count_requests(request: Request, call_next):
+    """bubogpt_requests_total{route, status} and the ingress's queue depth (until the response, or a
+    stream's first chunk, is ready). The route is its template, so unknown paths share one series.
+    The metrics live on the app that serves (`request.app`: Serve runs a copy of `api`), created
+    there on the first request."""
+    state = request.app.state
+    if not hasattr(state, "metrics"):
+        state.metrics = IngressMetrics()
+    status = 500
+    with state.metrics.queue.held():
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        finally:
+            route = request.scope.get("route")
+            state.metrics.answered(getattr(route, "path", "unmatched"), status)
+    return response
 
 
 async def timed(response, start: float) -> tuple[Any, float]:

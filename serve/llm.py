@@ -4,6 +4,9 @@
                             -> a GenerationJob -> @serve.batch -> the GenerationWorker, which merges
                             the batches waiting for it into its next generation
                             -> text deltas as they come, then the Completion
+    check_health()          Serve calls it every health_check_period_s: it fails when the
+                            generation worker's thread is gone or the device cannot run a kernel,
+                            and Serve then replaces the replica
 
 Its options (resources, queue limits, autoscaling) are in serve/config.yaml, not here.
 """
@@ -21,10 +24,12 @@ from ray import serve
 from bubogpt.checkpoints.native import load_model
 
 from serve.cache import LRUCache
+from serve.errors import ReplicaUnhealthyError
 from serve.generation import GenerationJob, GenerationWorker, Sampling, encode_audio, encode_image
+from serve.metrics import LLMMetrics
 from serve.prompt_budget import PromptBudget
 from serve.protocol import ChatRequest, Completion
-from serve.replica import DTYPES, replica_identity, resolve_device
+from serve.replica import DTYPES, probe_device, replica_identity, resolve_device
 from serve.settings import ServeSettings
 
 
@@ -42,9 +47,20 @@ class LLMDeployment:
         self._generate_batch.set_batch_wait_timeout_s(self.settings.llm_batch_wait_s)
         self.worker = GenerationWorker(self.model, self.settings.llm_max_batch_size, self.settings.torch_threads)
         self.requests = 0
+        self.metrics = LLMMetrics()
 
     async def ping(self) -> dict[str, Any]:
         return replica_identity()
+
+    async def check_health(self) -> None:
+        if not self.worker.is_alive():
+            raise ReplicaUnhealthyError("the generation worker's thread is not running")
+        await asyncio.to_thread(probe_device, self.device)
+
+    async def stop_generation(self) -> None:
+        """Stops the generation worker (an operator's, or a test's, way to take a replica out): it
+        fails its next health checks and Serve replaces it. Requests meanwhile get a 503."""
+        await asyncio.to_thread(self.worker.stop)
 
     async def stats(self) -> dict[str, Any]:
         generate_calls = Counter(self.worker.calls)
@@ -69,6 +85,14 @@ class LLMDeployment:
 
     async def generate_stream(self, chat: ChatRequest) -> AsyncIterator[str | Completion]:
         """Text deltas as they are generated, then the `Completion`."""
+        if not self.worker.is_alive():
+            raise ReplicaUnhealthyError("this LLM replica's generation worker is not running; Serve replaces it")
+        with self.metrics.queue.held():
+            async for item in self._generate_stream(chat):
+                yield item
+
+    async def _generate_stream(self, chat: ChatRequest) -> AsyncIterator[str | Completion]:
+        arrived = time.perf_counter()
         job, cache_report, encode_ms = await self._prepare(chat)
         self.requests += 1
         queued = time.perf_counter()
@@ -76,10 +100,15 @@ class LLMDeployment:
         async for event in self._generate_batch(job):
             if event is None:
                 continue
-            first_token_ms = first_token_ms or (time.perf_counter() - queued) * 1000
+            if first_token_ms is None:
+                first_token_ms = (time.perf_counter() - queued) * 1000
+                self.metrics.first_token.observe(time.perf_counter() - arrived)
             if event.delta:
                 yield event.delta
             if event.done:
+                if event.completion_tokens:
+                    self.metrics.tokens.inc(event.completion_tokens)
+                self.metrics.record_generate_calls(dict(self.worker.calls))
                 yield Completion(
                     text=event.text,
                     finish_reason=event.finish_reason,
@@ -97,6 +126,8 @@ class LLMDeployment:
         prompt_tokens = self.budget.check(chat, self.settings.max_prompt_tokens)
         start = time.perf_counter()
         vision, audio, report = await asyncio.to_thread(self._encoder_tokens, chat)
+        for modality, state in report.items():
+            self.metrics.cache.record(f"{modality}_encoder", state == "hit")
         job = GenerationJob(
             prompt=chat.conversation().render(),
             prompt_tokens=prompt_tokens,

@@ -42,7 +42,9 @@ def stop_strings(value: Any) -> Any:
     return strings
 
 
-class Strict(BaseModel):
+class NoExtraFields(BaseModel):
+    """Unknown fields are refused (`unknown field '...'`), never ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -51,17 +53,17 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------------------------------
 
 
-class ImageURL(Strict):
+class ImageURL(NoExtraFields):
     url: str = Field(description="a data URL (data:image/png;base64,...) or an allow-listed http(s) URL")
     detail: Literal["auto"] | None = Field(None, description="only 'auto': the server picks the resolution")
 
 
-class InputAudio(Strict):
+class InputAudio(NoExtraFields):
     data: str = Field(description="base64-encoded audio")
     format: Literal["wav", "mp3", "flac", "ogg"] = "wav"
 
 
-class ContentPart(Strict):
+class ContentPart(NoExtraFields):
     """One part of a message: text, an image or an audio clip (the field named by `type`)."""
 
     type: Literal["text", "image_url", "input_audio"]
@@ -81,7 +83,7 @@ class ContentPart(Strict):
         return self
 
 
-class ChatMessage(Strict):
+class ChatMessage(NoExtraFields):
     role: Literal["system", "developer", "user", "assistant"]
     content: list[ContentPart] = Field(default_factory=list, description="a string, or a list of content parts")
 
@@ -93,7 +95,7 @@ class ChatMessage(Strict):
         return [{"type": "text", "text": value}] if isinstance(value, str) else value
 
 
-class StreamOptions(Strict):
+class StreamOptions(NoExtraFields):
     include_usage: bool = Field(False, description="a last chunk with `choices: []` and the usage")
 
 
@@ -128,7 +130,7 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }  # fmt: skip
 
 
-class ChatCompletionRequest(Strict):
+class ChatCompletionRequest(NoExtraFields):
     """OpenAI chat completions. Parameters outside this model are refused by name (serve/README.md)."""
 
     model: str | None = Field(None, description="the id /v1/models lists; optional")
@@ -156,12 +158,12 @@ class ChatCompletionRequest(Strict):
 # --------------------------------------------------------------------------------------------------
 
 
-class HistoryMessage(Strict):
+class HistoryMessage(NoExtraFields):
     role: Literal["user", "assistant"]
     content: str
 
 
-class ChatBody(Strict):
+class ChatBody(NoExtraFields):
     """One user message with the conversation so far; the image and audio open its first user turn."""
 
     message: str

@@ -30,13 +30,20 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (2 CPUs, no dashboard); a Ray already running is reused."""
+    """One local Ray for the whole session (2 CPUs, no dashboard); a Ray already running is reused.
+    Its metrics agent exports Prometheus metrics on a free port (`bubogpt serve --metrics-port`'s
+    option; the serving metrics test scrapes it: ray.nodes()[i]["MetricsExportPort"])."""
+    import socket
+
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -183,3 +183,16 @@ def test_every_grounding_stage_takes_extreme_shapes(direct_grounding, width, hei
         assert all(mask["size"] == [height, width] for mask in entity.masks)
     masks = direct_grounding.segmenter.segment(pixels, [[0, 0, width, height]])  # SAM even if nothing was found
     assert masks.shape == (1, height, width)
+
+
+def test_docs_show_the_request_bodies(serve_app):
+    document = serve_app.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    for path, model in [("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/chat", "ChatBody")]:
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
+    completion = schemas["ChatCompletionRequest"]
+    assert {"messages", "max_tokens", "stop", "seed", "stream_options"} <= set(completion["properties"])
+    assert completion["additionalProperties"] is False  # unknown fields are refused, as documented
+    assert "n" not in completion["properties"]  # refused parameters are not advertised
+    assert serve_app.get("/docs").status_code == 200

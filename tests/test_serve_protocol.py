@@ -247,6 +247,43 @@ def test_worker_merges_batches_that_wait_while_it_generates(tiny_model):
             assert answers[(name, row)] == alone, (name, row)
 
 
+def test_a_stopped_worker_finishes_its_call_fails_what_waits_and_is_not_alive(tiny_model):
+    import threading
+    import time
+
+    greedy = Sampling(False, 1.0, 0.9)
+    counts = query_token_counts(tiny_model.config)
+
+    def job(text):
+        prompt = conversation(text)
+        return GenerationJob(prompt, count_prompt_tokens(tiny_model.tokenizer, counts, prompt), 4, greedy)
+
+    worker = GenerationWorker(tiny_model, max_rows=1)
+    assert worker.is_alive()
+    busy, release = threading.Event(), threading.Event()
+    first, second = [], []
+
+    def hold(item):  # the first step of the first call waits until the stop is requested
+        first.append(item)
+        if not busy.is_set():
+            busy.set()
+            release.wait(30)
+
+    worker.submit([job("hello there")], hold)
+    assert busy.wait(60)
+    worker.submit([job("hi")], second.append)  # waits: max_rows 1
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    time.sleep(0.5)  # the stop request takes an uncontended lock
+    release.set()
+    stopper.join(60)
+    assert not worker.is_alive()
+    assert first[-1] is None and any(isinstance(e, list) and e[0] is not None and e[0].done for e in first)
+    assert isinstance(second[0], RuntimeError) and second[1:] == [None]
+    with pytest.raises(RuntimeError, match="stopped"):
+        worker.submit([job("bye")], second.append)
+
+
 def test_different_sampling_settings_run_as_separate_calls(tiny_model):
     prompt = conversation("hi")
     counts = query_token_counts(tiny_model.config)
@@ -339,6 +376,10 @@ def test_config_yaml_is_a_valid_serve_config_for_this_app(tmp_path):
     config = local_config(args.model, args.port)
     assert config["http_options"] == {**raw["http_options"], "port": 8123, "host": "127.0.0.1"}
     assert config["applications"][0]["args"]["model_dir"] == str(Path(model_dir).resolve())
+    # config.yaml names the API key variable a deployment reads; `bubogpt serve` only with the flag
+    assert raw["applications"][0]["args"]["api_key_env"] == "BUBOGPT_API_KEY"
+    assert config["applications"][0]["args"]["api_key_env"] is None
+    assert local_config(args.model, args.port, api_key_env="MY_KEY")["applications"][0]["args"]["api_key_env"] == "MY_KEY"
     ServeDeploySchema.model_validate(config)
     with pytest.raises(SettingsError, match="not a BuboGPT model directory"):
         local_config(tmp_path / "nothing-here", 8000)
