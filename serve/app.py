@@ -4,8 +4,8 @@
                        1. read the body (size limit), parse it into a ChatRequest, check auth, limits
                           and that the media decode (4xx JSON errors that name the problem)
                        2. concurrently:  LLM.generate(chat)          encoders (cached by content hash)
-                                                                      + batched generate (@serve.batch,
-                                                                      merged by one GenerationWorker)
+                                                                      + one GenerationWorker: rows join
+                                                                      and leave between decode steps
                                          Grounding.ground(image)     tags -> boxes -> masks, batched,
                                                                       cached by content hash
                        3. Grounding.match(answer, entities) -> answer spans
@@ -56,6 +56,7 @@ from serve.cache import LRUCache
 from serve.generation import (
     GenerationJob,
     GenerationWorker,
+    RowEvent,
     Sampling,
     check_prompt_budget,
     count_prompt_tokens,
@@ -120,8 +121,6 @@ class LLMDeployment:
         self.model = model.to(device=device, dtype=DTYPES[self.settings.dtype]).eval()
         self.query_tokens = query_token_counts(self.model.config)
         self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)
-        self._generate_batch.set_max_batch_size(self.settings.llm_max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.settings.llm_batch_wait_s)
         self.worker = GenerationWorker(self.model, self.settings.llm_max_batch_size, self.settings.torch_threads)
         self.requests = 0
 
@@ -139,6 +138,7 @@ class LLMDeployment:
             "mean_batch_size": rows / calls if calls else 0.0,
             "batch_size_histogram": dict(sorted(generate_calls.items())),
             "encoder_cache": self.encoder_cache.stats(),
+            "generation": self.worker.stats(),
         }
 
     async def generate(self, chat: ChatRequest) -> Completion:
@@ -155,9 +155,7 @@ class LLMDeployment:
         self.requests += 1
         queued = time.perf_counter()
         first_token_ms = None
-        async for event in self._generate_batch(job):
-            if event is None:
-                continue
+        async for event in self._generate_rows(job):
             first_token_ms = first_token_ms or (time.perf_counter() - queued) * 1000
             if event.delta:
                 yield event.delta
@@ -210,23 +208,21 @@ class LLMDeployment:
             tokens[modality] = cached
         return tokens.get("vision"), tokens.get("audio"), report
 
-    # Up to 4 batches at once: while the model generates, the batches Serve forms wait in the
-    # GenerationWorker, which merges them into its next call (see its docstring).
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=4)
-    async def _generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
-        """One list per generation step: a `RowEvent` (or None) per request; StopIteration ends one."""
+    async def _generate_rows(self, job: GenerationJob) -> AsyncIterator[RowEvent]:
+        """The job's `RowEvent`s. Each request goes to the GenerationWorker on its own: the worker
+        batches rows between decode steps, so no request waits for a batch to form or for another
+        batch's longest answer. Leaving early (client gone, timeout) frees its row at the next step."""
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
-        self.worker.submit(jobs, lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
-        finished = [False] * len(jobs)
-        while (item := await steps.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            results = []
-            for i, event in enumerate(item):
-                results.append(StopIteration if finished[i] else event)
-                finished[i] = finished[i] or (event is not None and event.done)
-            yield results
+        submission = self.worker.submit([job], lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
+        try:
+            while (item := await steps.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] is not None:
+                    yield item[0]
+        finally:
+            submission.cancel()
 
 
 # ==================================================================================================
