@@ -215,6 +215,21 @@ class SlotDecoder:
         graph.replay()
         return logits[:n]
 
+    @torch.no_grad()
+    def capture_all(self) -> None:
+        """Capture every decode shape now, so that no request waits for a capture. Only while no row
+        is in the cache: the captures write garbage at position 0 of every slot."""
+        if not self.cuda_graphs:
+            return
+        batches = sorted({self._buckets(rows, 0)[0] for rows in range(1, self.slots + 1)})
+        lengths = sorted({self._buckets(1, position)[1] for position in range(0, self.max_len, LENGTH_BUCKET)})
+        self.tokens_in.zero_()
+        self.positions_in.zero_()
+        for batch in batches:
+            for length in lengths:
+                if (batch, length) not in self.graphs:
+                    self._capture(batch, length)
+
     def _capture(self, batch: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record one decode shape (warm-up on a side stream first, as PyTorch requires)."""
         stream = torch.cuda.Stream(self.device)
@@ -224,7 +239,8 @@ class SlotDecoder:
                 self._decode_shape(batch, length)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
+        # thread_local: the replica's other threads (encoders) may use the GPU during a capture
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
             logits = self._decode_shape(batch, length)
         self.graphs[(batch, length)] = graph, logits
         return graph, logits

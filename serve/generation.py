@@ -512,6 +512,7 @@ class GenerationWorker:
         model = self.model
         tokenizer, end_sym = model.tokenizer, model.config.end_sym
         decoder = SlotDecoder(model.llm, self.max_rows, model.config.max_context_tokens)
+        decoder.capture_all()  # on a GPU: every decode shape's CUDA graph, before the first request
         batcher = ContinuousBatcher(decoder, tokenizer.eos_token_id, model.llm.generation_config.top_k)
         rows: dict[int, tuple[Submission, int, RowText]] = {}  # key -> its submission, job index, text
         keys = itertools.count()
