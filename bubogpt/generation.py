@@ -66,7 +66,8 @@ def unsupported_reason(llm: PreTrainedModel) -> str | None:
 class SlotDecoder:
     """A Llama decoder over a KV cache of `slots` rows x `max_len` positions (see the module docstring).
 
-    Build it after the model is on its device and in its dtype: it fuses the weights where they are.
+    Build it after the model is on its device and in its dtype: it fuses the weights where they are,
+    and the Linear weights become views of the fused matrices (save the model before, not after).
     """
 
     def __init__(self, llm: PreTrainedModel, slots: int, max_len: int, cuda_graphs: bool | None = None):

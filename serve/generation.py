@@ -411,22 +411,24 @@ class GenerationWorker:
         """Counters since start. `mean_rows_per_step`: rows computed per decode step, the batch
         size of the continuous engine (comparable across engines: under "calls" it counts the rows
         of a generate() call that still compute after finishing)."""
-        steps = sum(self.step_rows.values())
-        rows = sum(size * n for size, n in self.step_rows.items())
+        histogram = dict(self.step_rows)  # one copy: the worker thread adds to it meanwhile
+        steps = sum(histogram.values())
+        rows = sum(size * n for size, n in histogram.items())
         with self._wake:
             waiting = sum(len(s.jobs) - s.admitted for s in self._pending)
         stats = {
             "engine": self.engine,
             "decode_steps": steps,
             "mean_rows_per_step": rows / steps if steps else 0.0,
-            "rows_per_step_histogram": dict(sorted(self.step_rows.items())),
+            "rows_per_step_histogram": dict(sorted(histogram.items())),
             "active_rows": self.active_rows,
             "waiting_rows": waiting,
         }
         if self.engine == "calls":
-            calls = sum(self.calls.values())
+            per_call = dict(self.calls)
+            calls = sum(per_call.values())
             stats["generate_calls"] = calls
-            stats["mean_rows_per_generate_call"] = sum(k * n for k, n in self.calls.items()) / calls if calls else 0.0
+            stats["mean_rows_per_generate_call"] = sum(k * n for k, n in per_call.items()) / calls if calls else 0.0
         else:
             stats["prefills"] = self.prefills
         return stats
