@@ -376,6 +376,10 @@ class GenerationWorker:
         self.calls: Counter[int] = self.step_rows if self.engine == "continuous" else Counter()
         self.prefills = 0
         self.active_rows = 0
+        self._decoder = None
+        if self.engine == "continuous":  # built here, so a cache that does not fit fails the replica's start
+            self._decoder = SlotDecoder(model.llm, max_rows, model.config.max_context_tokens)
+            self._decoder.capture_all()  # on a GPU: every decode shape's CUDA graph, before the first request
         self._pending: deque[Submission] = deque()  # rows not all admitted yet, first come first
         self._running: list[Submission] = []  # admitted rows not all finished
         self._wake = threading.Condition()
@@ -513,9 +517,7 @@ class GenerationWorker:
     def _run_continuous(self) -> None:
         model = self.model
         tokenizer, end_sym = model.tokenizer, model.config.end_sym
-        decoder = SlotDecoder(model.llm, self.max_rows, model.config.max_context_tokens)
-        decoder.capture_all()  # on a GPU: every decode shape's CUDA graph, before the first request
-        batcher = ContinuousBatcher(decoder, tokenizer.eos_token_id, model.llm.generation_config.top_k)
+        batcher = ContinuousBatcher(self._decoder, tokenizer.eos_token_id, model.llm.generation_config.top_k)
         rows: dict[int, tuple[Submission, int, RowText]] = {}  # key -> its submission, job index, text
         keys = itertools.count()
         outbox: dict[Submission, list[RowEvent | None]] = {}
