@@ -152,6 +152,12 @@ class BuboGPT(nn.Module):
             labels.append(torch.tensor(row_labels, dtype=torch.long))
         return self._pad(rows, labels, padding_side, device)
 
+    def prompt_embeddings(self, prompt: list[Segment], audio_tokens: torch.Tensor | None = None,
+                          vision_tokens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One generation prompt, assembled alone (no padding) from precomputed encoder tokens -> (T, llm_hidden)."""
+        embeds = self.embed_modalities(audio_tokens=audio_tokens, vision_tokens=vision_tokens)
+        return self.assemble([prompt], embeds, padding_side="left").inputs_embeds[0]
+
     @staticmethod
     def _embed_piece(piece: torch.Tensor, embedding: nn.Embedding, device) -> torch.Tensor:
         if piece.dtype == torch.long:

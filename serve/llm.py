@@ -1,8 +1,8 @@
 """The LLM deployment: the frozen encoders, the joiner and the language model of one BuboGPT.
 
     generate_stream(chat)   prompt budget -> media encodings (LRU cache by content hash)
-                            -> a GenerationJob -> @serve.batch -> the GenerationWorker, which merges
-                            the batches waiting for it into its next generation
+                            -> a GenerationJob -> the GenerationWorker, where rows join and leave
+                            the running batch between decode steps
                             -> text deltas as they come, then the Completion
     check_health()          Serve calls it every health_check_period_s: it fails when the
                             generation worker's thread is gone or the device cannot run a kernel,
@@ -25,7 +25,7 @@ from bubogpt.checkpoints.native import load_model
 
 from serve.cache import LRUCache
 from serve.errors import ReplicaUnhealthyError
-from serve.generation import GenerationJob, GenerationWorker, Sampling, encode_audio, encode_image
+from serve.generation import GenerationJob, GenerationWorker, RowEvent, Sampling, encode_audio, encode_image
 from serve.metrics import LLMMetrics
 from serve.prompt_budget import PromptBudget
 from serve.protocol import ChatRequest, Completion
@@ -43,8 +43,6 @@ class LLMDeployment:
         self.model = load_model(self.settings.model_dir, dtype=dtype).to(device=self.device, dtype=dtype).eval()
         self.budget = PromptBudget(self.model.config, self.model.tokenizer)
         self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)
-        self._generate_batch.set_max_batch_size(self.settings.llm_max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.settings.llm_batch_wait_s)
         self.worker = GenerationWorker(self.model, self.settings.llm_max_batch_size, self.settings.torch_threads)
         self.requests = 0
         self.metrics = LLMMetrics()
@@ -73,6 +71,7 @@ class LLMDeployment:
             "mean_batch_size": rows / calls if calls else 0.0,
             "batch_size_histogram": dict(sorted(generate_calls.items())),
             "encoder_cache": self.encoder_cache.stats(),
+            "generation": self.worker.stats(),
         }
 
     async def generate(self, chat: ChatRequest) -> Completion:
@@ -97,9 +96,7 @@ class LLMDeployment:
         self.requests += 1
         queued = time.perf_counter()
         first_token_ms = None
-        async for event in self._generate_batch(job):
-            if event is None:
-                continue
+        async for event in self._generate_rows(job):
             if first_token_ms is None:
                 first_token_ms = (time.perf_counter() - queued) * 1000
                 self.metrics.first_token.observe(time.perf_counter() - arrived)
@@ -157,21 +154,18 @@ class LLMDeployment:
             tokens[modality] = cached
         return tokens.get("vision"), tokens.get("audio"), report
 
-    # Up to 4 batches at once: while the model generates, the batches Serve forms wait in the
-    # GenerationWorker, which merges them into its next call (see its docstring). The batch size and
-    # wait are the settings' (set in __init__).
-    @serve.batch(max_concurrent_batches=4)
-    async def _generate_batch(self, jobs: list[GenerationJob]) -> AsyncIterator[list]:
-        """One list per generation step: a `RowEvent` (or None) per request; StopIteration ends one."""
+    async def _generate_rows(self, job: GenerationJob) -> AsyncIterator[RowEvent]:
+        """The job's `RowEvent`s. Each request goes to the GenerationWorker on its own: the worker
+        batches rows between decode steps, so no request waits for a batch to form or for another
+        batch's longest answer. Leaving early (client gone, timeout) frees its row at the next step."""
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
-        self.worker.submit(jobs, lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
-        finished = [False] * len(jobs)
-        while (item := await steps.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            results = []
-            for i, event in enumerate(item):
-                results.append(StopIteration if finished[i] else event)
-                finished[i] = finished[i] or (event is not None and event.done)
-            yield results
+        submission = self.worker.submit([job], lambda item: loop.call_soon_threadsafe(steps.put_nowait, item))
+        try:
+            while (item := await steps.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if item[0] is not None:
+                    yield item[0]
+        finally:
+            submission.cancel()

@@ -46,7 +46,6 @@ class ServeSettings:
 
     # -- batching and caches ---------------------------------------------------------------------
     llm_max_batch_size: int = 8
-    llm_batch_wait_s: float = 0.05
     grounding_max_batch_size: int = 4
     grounding_batch_wait_s: float = 0.02
     encoder_cache_entries: int = 256  # frozen-encoder outputs, keyed by the media's sha256
@@ -63,7 +62,7 @@ class ServeSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("llm_batch_wait_s", "grounding_batch_wait_s", "encoder_cache_entries", "grounding_cache_entries"):
+        for name in ("grounding_batch_wait_s", "encoder_cache_entries", "grounding_cache_entries"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.default_max_new_tokens > self.max_new_tokens:

@@ -369,7 +369,6 @@ def start_app(workdir: Path, model_dir: Path | None = None) -> tuple[RunningApp,
         default_max_new_tokens=16,
         request_timeout_s=60.0,
         llm_max_batch_size=8,
-        llm_batch_wait_s=0.05,
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -496,7 +496,7 @@ SERVE_SOURCES = [REPO / "serve" / name for name in ("llm.py", "grounding.py", "i
 # What serve/config.gpu.yaml may change in serve/config.yaml (each marked "GPU" in the file).
 GPU_VALUES = {
     "args.model_dir", "args.device", "args.dtype", "args.torch_threads", "args.llm_max_batch_size",
-    "args.llm_batch_wait_s", "args.grounding_max_batch_size", "deployments.LLM.max_ongoing_requests",
+    "args.grounding_max_batch_size", "deployments.LLM.max_ongoing_requests",
     *(f"deployments.{d}.{option}" for d in ("LLM", "Grounding", "Ingress")
       for option in ("autoscaling_config.max_replicas", "ray_actor_options.num_cpus", "ray_actor_options.num_gpus")),
 }  # fmt: skip

@@ -179,7 +179,7 @@ def test_batch_with_per_row_limits_equals_each_row_generated_alone(tiny_model):
             if event is not None:
                 events[row].append(event)
 
-    assert generate_batch(tiny_model, jobs, on_step) == [3]  # one generate call for all three rows
+    assert generate_batch(tiny_model, jobs, on_step) == [(3, 20)]  # one generate call for all three rows, 20 steps
     for job, row_events in zip(jobs, events):
         alone = tiny_model.generate(
             [job.prompt], vision_tokens=job.vision_tokens, audio_tokens=job.audio_tokens, max_new_tokens=job.max_new_tokens
@@ -197,9 +197,10 @@ def test_batch_with_per_row_limits_equals_each_row_generated_alone(tiny_model):
         assert job.prompt_tokens == assembled.inputs_embeds.shape[1]
 
 
-def test_worker_merges_batches_that_wait_while_it_generates(tiny_model):
-    """Three batches submitted while the worker is busy with a first one go into ONE next generate
-    call (up to max_rows), and each submitter gets the answers of its own rows, as alone."""
+def test_calls_engine_merges_batches_that_wait_while_it_generates(tiny_model):
+    """The "calls" engine (LLMs the slot decoder cannot run): three batches submitted while the
+    worker is busy with a first one go into ONE next generate call (up to max_rows), and each
+    submitter gets the answers of its own rows, as alone."""
     import threading
 
     greedy = Sampling(False, 1.0, 0.9)
@@ -209,7 +210,7 @@ def test_worker_merges_batches_that_wait_while_it_generates(tiny_model):
         prompt = conversation(text)
         return GenerationJob(prompt, count_prompt_tokens(tiny_model.tokenizer, counts, prompt), limit, greedy)
 
-    worker = GenerationWorker(tiny_model, max_rows=4)
+    worker = GenerationWorker(tiny_model, max_rows=4, engine="calls")
     first_step, release = threading.Event(), threading.Event()
     answers, done = {}, {}
 
@@ -293,7 +294,7 @@ def test_different_sampling_settings_run_as_separate_calls(tiny_model):
         GenerationJob(prompt, n, 4, Sampling(True, 0.7, 0.9)),
         GenerationJob(prompt, n, 4, Sampling(False, 1.0, 0.9)),
     ]
-    assert sorted(generate_batch(tiny_model, jobs, lambda step: None)) == [1, 2]
+    assert sorted(rows for rows, _ in generate_batch(tiny_model, jobs, lambda step: None)) == [1, 2]
 
 
 def test_stop_strings_cut_each_row_and_the_stream_never_shows_them(tiny_model):
