@@ -49,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         return run_local(args.model, port=args.port, host=args.host, api_key_env=args.api_key_env,
-                         metrics_port=args.metrics_port)
+                         metrics_port=args.metrics_port, tracking_uri=args.tracking_uri, model_cache_dir=args.model_cache)
     except SettingsError as err:
         print(f"bubogpt serve: {err}", file=sys.stderr)
         return 2
@@ -173,12 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_data_prepare)
 
     serve = commands.add_parser("serve", help="run the Ray Serve application (serve/config.yaml) for a model directory")
-    serve.add_argument("--model", type=Path, required=True, help="a model directory (save_model / training output)")
+    serve.add_argument("--model", required=True,
+                       help="a model directory (save_model / training output) or models:/NAME@ALIAS, models:/NAME/VERSION")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     serve.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token to require")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="Ray's metrics export port: Prometheus metrics at http://HOST:PORT/metrics")
+    serve.add_argument("--tracking-uri", help="the MLflow registry of a models:/ model (default: $MLFLOW_TRACKING_URI)")
+    serve.add_argument("--model-cache", help="registry models' download cache (default: $BUBOGPT_MODEL_CACHE, "
+                       "else ~/.cache/bubogpt/models)")
     serve.set_defaults(func=_serve)
     ground = commands.add_parser("ground", help="ground an answer in an image: entities, spans (JSON) and an annotated PNG")
     ground.add_argument("image", type=Path, help="the image file")
