@@ -11,7 +11,8 @@ entities it returns hold. Scored by `bubogpt.grounding.evaluate`:
 - COCO box and mask AP (IoU 0.50:0.95), AP50, AP75 by pycocotools' COCOeval, with the detection
   scores, so the figures compare with published ones;
 - where the misses come from: false positives whose label is absent from the scene (a tagger
-  hallucination), that duplicate an object already found, or that are badly placed; missed objects
+  hallucination), that duplicate an object already found, that lie on an object of another kind
+  (a kind confusion: which kind got which label is counted), or that are elsewhere; missed objects
   whose kind the tagger missed, or that the detector missed on a right tag;
 - per stage, each model given perfect input (tag P/R/F1; boxes from the true tags; masks from the
   true boxes), to locate a loss.
@@ -33,6 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,27 +52,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def where_misses_come_from(tags: list[list[str]], detections: list[list[Detection]],
-                           scenes: list[GroundingScene]) -> dict[str, int]:
-    """False positives and missed objects, each put in one cause."""
-    causes = dict.fromkeys(["fp_label_not_in_scene", "fp_duplicate", "fp_misplaced",
+                           scenes: list[GroundingScene]) -> dict:
+    """False positives and missed objects, each put in one cause; and which kind got which label."""
+    causes = dict.fromkeys(["fp_label_not_in_scene", "fp_duplicate", "fp_other_kinds_object", "fp_misplaced",
                             "fn_tag_missed", "fn_box_missed_on_right_tag"], 0)  # fmt: skip
+    confusions: Counter = Counter()  # "true kind -> label" of the boxes that lie on another kind's object
     for image_tags, dets, scene in zip(tags, detections, scenes, strict=True):
         claimed = evaluate.match_detections(dets, scene)
         for det, match in zip(dets, claimed):
             if match is not None:
                 continue
             same_label = [o for o in scene.objects if o.kind == det.label]
+            under = [o for o in scene.objects if o.kind != det.label and evaluate.box_iou(det.box, o.box) >= 0.5]
             if not same_label:
-                causes["fp_label_not_in_scene"] += 1
+                causes["fp_label_not_in_scene"] += 1  # the tagger's hallucination, boxed
             elif max(evaluate.box_iou(det.box, o.box) for o in same_label) >= 0.5:
                 causes["fp_duplicate"] += 1  # its object was claimed by a better-scored box
+            elif under:
+                causes["fp_other_kinds_object"] += 1  # the label exists in the scene, the box is on another kind
+                confusions[f"{under[0].kind} -> {det.label}"] += 1
             else:
                 causes["fp_misplaced"] += 1
         found = {m for m in claimed if m is not None}
         for index, obj in enumerate(scene.objects):
             if index not in found:
                 causes["fn_tag_missed" if obj.kind not in image_tags else "fn_box_missed_on_right_tag"] += 1
-    return causes
+    return {**causes, "confusions": dict(confusions.most_common())}
 
 
 def per_stage(pipeline: GroundingPipeline, scenes: list[GroundingScene], tags: list[list[str]]) -> dict[str, float]:
@@ -96,7 +103,9 @@ def table(end_to_end: dict, stages: dict, misses: dict) -> str:
          f"{end_to_end['mask_AP']:.3f} / {end_to_end['mask_AP50']:.3f} / {end_to_end['mask_AP75']:.3f}"),
         ("end to end", "boxes shown / right / true objects",
          f"{end_to_end['entities_predicted']} / {end_to_end['entities_true_positive']} / {end_to_end['objects']}"),
-        *[("misses", name, str(count)) for name, count in misses.items()],
+        *[("misses", name, str(count)) for name, count in misses.items() if name != "confusions"],
+        ("misses", "boxes on another kind's object (true kind -> label)",
+         ", ".join(f"{pair}: {n}" for pair, n in misses["confusions"].items()) or "none"),
         ("per stage", "tag precision / recall / F1",
          f"{stages['tag_precision']:.3f} / {stages['tag_recall']:.3f} / {stages['tag_f1']:.3f}"),
         ("per stage", "box precision / recall from the true tags",
