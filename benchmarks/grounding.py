@@ -21,7 +21,7 @@ entities it returns hold. Scored by `bubogpt.grounding.evaluate`:
     python benchmarks/grounding.py --scenes 60           # the 60 that tests/test_grounding.py scores
     python benchmarks/grounding.py --weights DIR         # other weights in the tiny layout
 
-Writes benchmarks/results/grounding_<date>.json (or --out). About 30 s for 200 scenes on 2 cores.
+Writes benchmarks/results/grounding_<date>.json (or --out). 30 s (idle) to 4 minutes (loaded) for 200 scenes on 2 cores.
 """
 
 from __future__ import annotations
