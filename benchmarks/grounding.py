@@ -80,7 +80,8 @@ def where_misses_come_from(tags: list[list[str]], detections: list[list[Detectio
     return {**causes, "confusions": dict(confusions.most_common())}
 
 
-def best_mask_per_object(detections: list[list[Detection]], masks: list[np.ndarray], scenes: list[GroundingScene]) -> float:
+def best_mask_per_object(detections: list[list[Detection]], masks: list[np.ndarray],
+                         scenes: list[GroundingScene]) -> float:
     """The former, lenient measure (for comparison only): per true object, the best IoU among the
     masks of its label, extra masks free."""
     ious = [max((evaluate.mask_iou(m, obj.mask) for d, m in zip(dets, image_masks) if d.label == obj.kind), default=0.0)
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the held-out stream's seed (the tests use 0)")
     parser.add_argument("--weights", type=Path, default=None, help=f"grounding weights (default {TINY_ASSETS})")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/grounding_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default benchmarks/results/grounding_<date>.json)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
 
     print(table(end_to_end, stages, misses))
-    print(f"\n{args.scenes} scenes of stream {HELD_OUT_STREAM!r}, seed {args.seed}; {seconds:.0f} s\n$ {command.strip()}")
+    print(f"\n{args.scenes} scenes of stream {HELD_OUT_STREAM!r}, seed {args.seed}; {seconds:.0f} s")
+    print(f"$ {command.strip()}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     out = args.out or REPO / "benchmarks" / "results" / f"grounding_{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

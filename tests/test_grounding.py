@@ -117,8 +117,9 @@ def test_masks_end_to_end(end_to_end):
 
 def test_ground_images_shows_the_scored_boxes_and_masks(pipeline, held_out, predicted):
     """What a user gets (`ground_images`) holds exactly the detections and masks scored above."""
-    for scene, entities, (detections, masks) in zip(held_out[:6], pipeline.ground_images([s.image for s in held_out[:6]]),
-                                                    predicted[:6]):  # fmt: skip
+    scenes = held_out[:6]
+    shown_entities = pipeline.ground_images([s.image for s in scenes])
+    for scene, entities, (detections, masks) in zip(scenes, shown_entities, predicted):
         shown = sorted((e.label, tuple(b), m["counts"]) for e in entities for b, m in zip(e.boxes, e.masks))
         scored = sorted((d.label, tuple(round(v, 2) for v in d.box), encode_mask(mask)["counts"])
                         for d, mask in zip(detections, masks))  # fmt: skip
@@ -146,14 +147,15 @@ def test_end_to_end_scores_charge_extra_and_missing_entities():
 
     perfect = evaluate.score_end_to_end([truth], [truth_masks], [scene])
     assert (perfect.entities.precision, perfect.entities.recall, perfect.masks.iou) == (1.0, 1.0, 1.0)
-    assert all(v == pytest.approx(1.0) for kind in ("box", "mask") for v in perfect.coco[kind].values()), perfect.coco
+    assert all(v == pytest.approx(1.0) for stats in perfect.coco.values() for v in stats.values()), perfect.coco
 
     # A hallucinated star (nothing of its kind in the scene) and a duplicate circle half off its object.
     star = np.zeros((40, 60), bool)
     star[30:38, 0:8] = True
     duplicate = np.zeros((40, 60), bool)
     duplicate[5:15, 10:20] = True  # IoU with the circle: 50 / 150
-    extra = [*truth, Detection("star", (0.0, 30.0, 8.0, 38.0), 0.95), Detection("circle", (10.0, 5.0, 20.0, 15.0), 0.5)]
+    extra = [*truth, Detection("star", (0.0, 30.0, 8.0, 38.0), 0.95),
+             Detection("circle", (10.0, 5.0, 20.0, 15.0), 0.5)]  # fmt: skip
     scores = evaluate.score_end_to_end([extra], [np.stack([*truth_masks, star, duplicate])], [scene])
     assert scores.entities.precision == pytest.approx(2 / 4) and scores.entities.recall == 1.0
     assert scores.masks.iou == pytest.approx(2 / 4)  # two pairs of IoU 1 among 4 predicted + 2 true - 2 paired

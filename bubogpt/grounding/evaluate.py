@@ -104,7 +104,6 @@ def mask_iou(predicted: np.ndarray, actual: np.ndarray) -> float:
     return float(np.logical_and(predicted, actual).sum() / union) if union else 1.0
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------------
@@ -129,7 +128,8 @@ def mask_iou_matrix(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     if not len(predicted) or not len(actual):
         return np.zeros((len(predicted), len(actual)))
     encode = lambda masks: [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]  # noqa: E731
-    return np.asarray(mask_utils.iou(encode(predicted), encode(actual), [0] * len(actual))).reshape(len(predicted), len(actual))
+    ious = mask_utils.iou(encode(predicted), encode(actual), [0] * len(actual))  # no crowd regions
+    return np.asarray(ious).reshape(len(predicted), len(actual))
 
 
 def instance_mask_iou(detections: list[list[Detection]], masks: list[np.ndarray],
@@ -194,8 +194,8 @@ def coco_average_precision(detections: list[list[Detection]], masks: list[np.nda
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             # loadRes derives a box result's area from its bbox and a mask result's from its mask.
-            predicted = ground_truth.loadRes([{k: v for k, v in r.items() if iou_type == "segm" or k != "segmentation"}
-                                              for r in results])  # fmt: skip
+            keep = (lambda key: True) if iou_type == "segm" else (lambda key: key != "segmentation")
+            predicted = ground_truth.loadRes([{k: v for k, v in r.items() if keep(k)} for r in results])
             evaluation = COCOeval(ground_truth, predicted, iou_type)
             evaluation.evaluate()
             evaluation.accumulate()
@@ -216,9 +216,7 @@ class EndToEndScores:
             "entity_f1": self.entities.f1, "entities_predicted": self.entities.predicted,
             "entities_true_positive": self.entities.true_positives, "objects": self.entities.actual,
             "instance_mask_iou": self.masks.iou, "mask_pairs": self.masks.paired,
-            "box_AP": self.coco["box"]["AP"], "box_AP50": self.coco["box"]["AP50"], "box_AP75": self.coco["box"]["AP75"],
-            "mask_AP": self.coco["mask"]["AP"], "mask_AP50": self.coco["mask"]["AP50"],
-            "mask_AP75": self.coco["mask"]["AP75"],
+            **{f"{kind}_{name}": value for kind, stats in self.coco.items() for name, value in stats.items()},
         }  # fmt: skip
 
 
