@@ -35,9 +35,9 @@ from bubogpt.grounding.training import HELD_OUT_STREAM
 # (label + box at IoU 0.5) and the instance mask IoU in which every extra or missing mask counts 0.
 # Measured with the shipped weights on these 60 held-out scenes: tag F1 0.96, boxes from true tags
 # P/R 0.91 / 0.95, masks from true boxes 0.90; end to end entity P/R 0.89 / 0.91, instance mask IoU
-# 0.74 (benchmarks/grounding.py scores 200 scenes of this stream, with COCO AP, in
-# benchmarks/results/grounding_*.json). A change that degrades the weights or the pipeline below a
-# target fails.
+# 0.74 (benchmarks/results/grounding_60scenes_2026-12-04.json; benchmarks/grounding.py also scores
+# 200 scenes of this stream, with COCO AP). A change that degrades the weights or the pipeline below
+# a target fails.
 TAG_F1_MIN = 0.9
 BOX_RECALL_MIN = 0.85
 BOX_PRECISION_MIN = 0.8
