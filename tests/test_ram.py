@@ -33,16 +33,28 @@ from bubogpt.grounding.ram_checkpoint import (
 )
 from bubogpt.grounding.ram_conformance import check_ram_fixture
 
-FIXTURE = Path("/work/shared/golden/ram_tiny")
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "ram.pth").exists(), reason="golden RAM fixture not present"
-)
+from conftest import GOLDEN  # the repository's ../shared/golden
+
+FIXTURE = GOLDEN / "ram_tiny"
+
+
+@pytest.fixture(scope="module")
+def ram_fixture() -> Path:
+    """The golden RAM fixture; missing, the tests that read it FAIL (a skip would hide it)."""
+    names = ("ram.pth", "tags.txt", "tag_thresholds.txt", "config.json", "io.pt")
+    missing = [name for name in names if not (FIXTURE / name).is_file()]
+    if missing:
+        pytest.fail(f"golden RAM fixture incomplete at {FIXTURE}: missing {missing}")
+    return FIXTURE
+
+
+needs_fixture = pytest.mark.usefixtures("ram_fixture")
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(ram_fixture):
     model, thresholds, report = load_ram_tagger(
         FIXTURE / "ram.pth", FIXTURE / "tags.txt", FIXTURE / "tag_thresholds.txt", FIXTURE / "config.json"
     )

@@ -11,7 +11,7 @@ import yaml
 from bubogpt.conversation import Conversation
 from serve.cache import LRUCache
 from serve.generation import (GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
-                              hold_back_stop_prefix, partial_answer, query_token_counts)
+                              partial_answer, query_token_counts)
 from serve.errors import APIError
 from serve.protocol import parse_chat, parse_completion, url_is_allowed
 from serve.settings import ServeSettings, SettingsError
@@ -337,7 +337,7 @@ def test_a_seeded_sampled_row_runs_alone_and_repeats_its_sample(tiny_model):
     (alone,), _ = answers([job("hello there", seed=5)])
     (_, crowded, _), sizes = answers([job("hi"), job("hello there", seed=5), job("bye")])
     assert crowded == alone
-    assert sorted(sizes) == [1, 2]  # the seeded row was a generate call of its own
+    assert sorted(rows for rows, _ in sizes) == [1, 2]  # the seeded row was a generate call of its own
     others = {answers([job("hello there", seed=s)])[0][0] for s in (1, 2, 3)}
     assert len(others | {alone}) >= 2, "every seed sampled the same answer"
 
@@ -348,8 +348,8 @@ def test_partial_answer_holds_back_what_may_still_change():
     assert partial_answer(" Assis", "###") == ""  # maybe a repeated role tag, which is dropped
     assert partial_answer(" Assistant: a", "###") == "a"
     assert partial_answer(" caf\ufffd", "###") == "caf"  # an incomplete UTF-8 character
-    assert hold_back_stop_prefix("The red cir", ("circle", "blue")) == "The red "  # maybe "circle"
-    assert hold_back_stop_prefix("The red circus", ("circle",)) == "The red circus"
+    assert partial_answer(" The red cir", "###", ("circle", "blue")) == "The red"  # maybe "circle"
+    assert partial_answer(" The red circus", "###", ("circle",)) == "The red circus"
 
 
 # -- config and CLI --------------------------------------------------------------------------------

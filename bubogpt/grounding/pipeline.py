@@ -101,16 +101,21 @@ class GroundingPipeline:
         self.segmenter = segmenter
         self.matcher = matcher or RuleMatcher()
 
-    def ground_images(self, images: Sequence[Image.Image]) -> list[list[Entity]]:
-        """Entities per image. The tagger runs on the whole batch; detection and segmentation per image."""
+    def detect_and_segment(self, images: Sequence[Image.Image]) -> list[tuple[list[Detection], np.ndarray]]:
+        """Per image, the detections on its own tags and one (H, W) mask per detection: every box and
+        mask its entities will hold. The tagger runs on the whole batch; detection and segmentation per image."""
         images = [image.convert("RGB") for image in images]
         results = []
         for image, tags in zip(images, self.tagger.tag(images)):
             detections = self.detector.detect(image, tags)
-            pixels = np.asarray(image)
-            masks = self.segmenter.segment(pixels, [d.box for d in detections])
-            results.append(build_entities(pixels, detections, masks))
+            results.append((detections, self.segmenter.segment(np.asarray(image), [d.box for d in detections])))
         return results
+
+    def ground_images(self, images: Sequence[Image.Image]) -> list[list[Entity]]:
+        """Entities per image (`detect_and_segment`, grouped by `build_entities`)."""
+        images = [image.convert("RGB") for image in images]
+        return [build_entities(np.asarray(image), detections, masks)
+                for image, (detections, masks) in zip(images, self.detect_and_segment(images))]
 
     def ground_image(self, image: Image.Image) -> list[Entity]:
         return self.ground_images([image])[0]
