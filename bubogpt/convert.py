@@ -376,3 +376,83 @@ def convert_released(
         raise
     commit(staging, final)
     return report
+
+
+# --------------------------------------------------------------------------------------------------
+# The grounding models: RAM, Grounding DINO, SAM -> the directory serving takes as `grounding_dir`
+# --------------------------------------------------------------------------------------------------
+
+GROUNDING_MANIFEST = "grounding.json"  # also read by bubogpt/grounding/pipeline.py
+GROUNDING_FILES = {
+    "ram": "ram.safetensors", "ram_tags": "ram_tags.txt", "ram_thresholds": "ram_tag_thresholds.txt",
+    "grounding_dino": "grounding_dino.safetensors", "bert": "bert", "sam": "sam.safetensors",
+}  # fmt: skip
+
+
+@dataclass
+class GroundingFiles:
+    ram: Path  # ram_swin_large_14m.pth (`tagging_head.*` or the older `vision_multi.*`)
+    gdino: Path  # groundingdino_swint_ogc.pth
+    sam: Path  # sam_vit_h_4b8939.pth
+    bert: Path  # a local bert-base-uncased directory (Grounding DINO's text side: config, tokenizer)
+    ram_tags: Path | None = None  # ram_tag_list.txt; default: beside the RAM file
+    ram_thresholds: Path | None = None  # ram_tag_list_threshold.txt; default: beside the RAM file
+
+    def __post_init__(self) -> None:
+        for name in ("ram", "gdino", "sam", "bert", "ram_tags", "ram_thresholds"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        self.ram_tags = self.ram_tags or self.ram.parent / "ram_tag_list.txt"
+        self.ram_thresholds = self.ram_thresholds or self.ram.parent / "ram_tag_list_threshold.txt"
+        missing = [str(p) for p in (self.ram, self.gdino, self.sam, self.ram_tags, self.ram_thresholds) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"grounding files not found: {missing}")
+
+
+def convert_grounding(files: GroundingFiles, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> dict:
+    """Write the grounding directory: each model's tensors in safetensors (the tagger's tagging path
+    only: RAM's captioning branch is dropped), the tag list and thresholds, the BERT directory, and
+    `grounding.json` with every size (inferred from the shapes) and the detector settings.
+    Each model is loaded once, strictly, through its own loader, written, and dropped before the
+    next; nothing is left at `out` if one fails."""
+    from bubogpt.checkpoints.training_state import atomic_directory, commit
+    from bubogpt.grounding.detector import DetectorConfig, check_bert_dir, load_original_grounding_dino
+    from bubogpt.grounding.ram_checkpoint import load_ram_tagger
+    from bubogpt.grounding.segmenter import infer_sam_config, load_sam
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
+    check_bert_dir(files.bert)
+    target = DTYPES[dtype]
+    cast = lambda name, tensor: target if tensor.is_floating_point() else tensor.dtype  # noqa: E731
+    metadata = {"format": "bubogpt-grounding"}
+    manifest: dict = {"format": "bubogpt-grounding", "dtype": dtype}
+    staging, final = atomic_directory(out)
+    try:
+        ram, _, report = load_ram_tagger(files.ram, files.ram_tags, files.ram_thresholds)
+        write_safetensors(staging / GROUNDING_FILES["ram"], ram.state_dict(), cast, metadata)
+        manifest["ram"], manifest["ram_load_report"] = asdict(ram.config), report.summary()
+        del ram
+        dino = load_original_grounding_dino(files.gdino, files.bert)  # sizes from its shapes
+        write_safetensors(staging / GROUNDING_FILES["grounding_dino"], dino.model.state_dict(), cast, metadata)
+        manifest["grounding_dino"] = asdict(dino.config)
+        del dino
+        sam = load_sam(files.sam)  # sizes from its shapes
+        write_safetensors(staging / GROUNDING_FILES["sam"], sam.state_dict(), cast, metadata)
+        manifest["sam"] = infer_sam_config(sam.state_dict()).to_dict()
+        del sam
+        manifest["detector"] = asdict(DetectorConfig())  # the reference's thresholds and sizes
+        manifest["sources"] = {"ram": files.ram.name, "ram_tags": files.ram_tags.name, "grounding_dino": files.gdino.name,
+                               "bert": str(files.bert), "sam": files.sam.name}  # fmt: skip
+        shutil.copy(files.ram_tags, staging / GROUNDING_FILES["ram_tags"])
+        shutil.copy(files.ram_thresholds, staging / GROUNDING_FILES["ram_thresholds"])
+        shutil.copytree(files.bert, staging / GROUNDING_FILES["bert"])
+        (staging / GROUNDING_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    commit(staging, final)
+    return manifest

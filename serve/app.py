@@ -82,7 +82,7 @@ from serve.settings import ServeSettings
 
 logger = logging.getLogger("ray.serve")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RETRY_AFTER_S = 1
 
 
@@ -116,7 +116,8 @@ class LLMDeployment:
         self.settings = ServeSettings.from_dict(settings)
         torch.set_num_threads(self.settings.torch_threads)
         device = resolve_device(self.settings.device)
-        model = load_model(self.settings.model_dir, dtype=DTYPES[self.settings.dtype])
+        # dtype "auto": the model's frozen_dtype on this device (bf16 LLM and encoders for 7b/13b on a GPU).
+        model = load_model(self.settings.model_dir, dtype=DTYPES[self.settings.dtype], device=device)
         self.model = model.to(device=device, dtype=DTYPES[self.settings.dtype]).eval()
         self.query_tokens = query_token_counts(self.model.config)
         self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)
@@ -239,10 +240,11 @@ class Grounder:
     answers, draw the annotated image. Entities and spans leave it as JSON-ready dicts."""
 
     def __init__(self, grounding_dir: str | None, device: torch.device):
-        from bubogpt.grounding.pipeline import TINY_ASSETS, load_tiny_grounding
+        from bubogpt.grounding.pipeline import load_grounding
 
-        # The deterministic matcher (RuleMatcher): no second LLM in the grounding replica.
-        self.pipeline = load_tiny_grounding(grounding_dir or TINY_ASSETS)
+        # The deterministic matcher (RuleMatcher): no second LLM in the grounding replica. The tiny
+        # assets (None), a tiny-layout folder, a `bubogpt convert-grounding` folder or the released files.
+        self.pipeline = load_grounding(grounding_dir)
         for module in (self.pipeline.tagger.model, self.pipeline.detector.model, self.pipeline.segmenter.sam):
             module.to(device)  # each component runs where its parameters are
 

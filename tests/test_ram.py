@@ -138,7 +138,7 @@ def test_wrong_shape_is_refused_naming_key_and_shapes(golden):
 
 
 @needs_fixture
-def test_missing_unknown_and_contradicting_keys_raise():
+def test_missing_and_contradicting_keys_raise_unknown_keys_are_reported():
     checkpoint = read_ram_checkpoint(FIXTURE / "ram.pth")
     config = infer_ram_config(checkpoint, json.loads((FIXTURE / "config.json").read_text()))
 
@@ -147,9 +147,10 @@ def test_missing_unknown_and_contradicting_keys_raise():
     with pytest.raises(CheckpointMismatchError, match=re.escape(dropped)):
         load_ram_state_dict(RAMTagger(config), missing)
 
-    unknown = dict(checkpoint, **{"visual_encoder.head.weight": torch.zeros(3, 3)})
-    with pytest.raises(CheckpointMismatchError, match=r"visual_encoder\.head\.weight"):
-        load_ram_state_dict(RAMTagger(config), unknown)
+    # Keys the tagger has no use for are listed and skipped (the original loads with strict=False).
+    unknown = dict(checkpoint, **{"visual_encoder.head.weight": torch.zeros(3, 3), "extra.bias": torch.zeros(2)})
+    report = load_ram_state_dict(RAMTagger(config), unknown)
+    assert report.unexpected == ["extra.bias", "visual_encoder.head.weight"]
 
     with pytest.raises(CheckpointMismatchError, match="embed_dim=24"):
         infer_ram_config(checkpoint, {"embed_dim": 24})

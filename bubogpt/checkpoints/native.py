@@ -73,14 +73,14 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> LoadReport:
+def load_weights(model: nn.Module, path: str | Path, prefix: str = "", source: str | None = None) -> LoadReport:
     """Copy the tensors of a safetensors file whose names start with `prefix` (removed) into `model`,
     one at a time, each converted to the dtype of the parameter it fills. Every model key but the
     LLM's must be in the file, with its shape."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model weights not found: {path}")
-    source = f"BuboGPT weights ({path.name}{', ' + prefix[:-1] if prefix else ''})"
+    source = source or f"BuboGPT weights ({path.name}{', ' + prefix[:-1] if prefix else ''})"
     own = model.state_dict()
     with safe_open(str(path), framework="pt") as tensors:
         names = {key[len(prefix):]: key for key in tensors.keys() if key.startswith(prefix)}
