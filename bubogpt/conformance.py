@@ -51,6 +51,7 @@ def configs_from_fixture(fixture: dict, io: dict) -> tuple[AudioEncoderConfig, V
     )
     vision = VisionEncoderConfig(
         img_size=fixture["eva_img_size"],
+        patch_size=fixture.get("eva_patch_size", 14),
         embed_dim=fixture["eva_embed_dim"],
         depth=fixture["eva_depth"],
         num_heads=fixture["eva_num_heads"],

@@ -250,12 +250,14 @@ def read_llm_config(directory: Path) -> LLMConfig:
     )  # fmt: skip
 
 
-def infer_config(state: dict[str, torch.Tensor], files: ReleasedFiles, origins: dict[str, str],
+def infer_config(state: dict[str, torch.Tensor], names: dict[str, str], llm: LLMConfig, origins: dict[str, str],
                  heads: HeadCounts | None = None) -> BuboGPTConfig:
-    """A BuboGPTConfig from the shapes, after checking that the files fit together. `origins`: the
-    file each joiner part came from (`ConversionReport.sources`), for the messages."""
+    """A BuboGPTConfig from the shapes (`state` in BuboGPT's names; meta tensors will do), after
+    checking that the parts fit together and with `llm`. `names`: file name per source
+    ("imagebind", "eva", "blip2", "bubogpt"); `origins`: the file each joiner part came from
+    (`ConversionReport.sources`). Both only serve the messages."""
     heads = heads or HeadCounts()
-    name = {key: path.name for key, path in files.files().items()}
+    name = names
     audio = infer_audio_config(state, name["imagebind"], heads.audio)
     vision = infer_vision_config(state, name["eva"], heads.vision)
     ln_width = _need(state, "vision_encoder.ln_vision.weight", name["blip2"]).shape[0]
@@ -272,7 +274,6 @@ def infer_config(state: dict[str, torch.Tensor], files: ReleasedFiles, origins: 
                 f"the {modality} Q-Former in {qformer_files[modality]} attends to {qformer.encoder_width}-wide tokens, "
                 f"but {encoder} is {width} wide"
             )
-    llm = read_llm_config(files.llm)
     for modality, qformer in qformers.items():
         origin = origins[f"{modality} projection"]
         out_width, in_width = _need(state, f"joiner.projections.{modality}.fc.weight", origin).shape
@@ -283,7 +284,7 @@ def infer_config(state: dict[str, torch.Tensor], files: ReleasedFiles, origins: 
             )
         if out_width != llm.hidden_size:
             raise ConversionError(
-                f"the {modality} projection in {origin} maps to {out_width}, but the language model in {files.llm} has hidden "
+                f"the {modality} projection in {origin} maps to {out_width}, but the language model in {llm.path} has hidden "
                 f"size {llm.hidden_size} (projections and LLM must come from the same model size: 4096 = 7B, 5120 = 13B)"
             )
     config = BuboGPTConfig(audio=audio, vision=vision, audio_qformer=qformers["audio"], vision_qformer=qformers["vision"],
@@ -348,7 +349,8 @@ def convert_released(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite to replace it)")
     state, report = released_state(files)
-    config = infer_config(state, files, report.sources, heads)
+    names = {key: path.name for key, path in files.files().items()}
+    config = infer_config(state, names, read_llm_config(files.llm), report.sources, heads)
     order = check_against_model(state, config)
 
     from bubogpt.checkpoints.training_state import atomic_directory, commit
