@@ -399,9 +399,10 @@ class GroundingFiles:
     bert: Path  # a local bert-base-uncased directory (Grounding DINO's text side: config, tokenizer)
     ram_tags: Path | None = None  # ram_tag_list.txt; default: beside the RAM file
     ram_thresholds: Path | None = None  # ram_tag_list_threshold.txt; default: beside the RAM file
+    ram_config: Path | None = None  # sizes no shape holds (tagging-head heads; default: the released 4)
 
     def __post_init__(self) -> None:
-        for name in ("ram", "gdino", "sam", "bert", "ram_tags", "ram_thresholds"):
+        for name in ("ram", "gdino", "sam", "bert", "ram_tags", "ram_thresholds", "ram_config"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         self.ram_tags = self.ram_tags or self.ram.parent / "ram_tag_list.txt"
@@ -434,7 +435,7 @@ def convert_grounding(files: GroundingFiles, out: str | Path, dtype: str = "fp32
     manifest: dict = {"format": "bubogpt-grounding", "dtype": dtype}
     staging, final = atomic_directory(out)
     try:
-        ram, _, report = load_ram_tagger(files.ram, files.ram_tags, files.ram_thresholds)
+        ram, _, report = load_ram_tagger(files.ram, files.ram_tags, files.ram_thresholds, files.ram_config)
         write_safetensors(staging / GROUNDING_FILES["ram"], ram.state_dict(), cast, metadata)
         manifest["ram"], manifest["ram_load_report"] = asdict(ram.config), report.summary()
         del ram

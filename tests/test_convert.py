@@ -376,3 +376,95 @@ def test_real_7b_and_13b_sizes_are_inferred_with_the_released_head_counts():
         if preset.preset == "13b":
             with pytest.raises(ConversionError, match="maps to 5120, but the language model .* has hidden size 4096"):
                 infer_config(state, names, LLMConfig(path="vicuna-7b-v0"), origins)
+
+
+# --------------------------------------------------------------------------------------------------
+# convert-grounding: RAM, Grounding DINO, SAM -> serving's grounding_dir
+# --------------------------------------------------------------------------------------------------
+
+RAM_FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "ram_tiny"
+
+
+@pytest.fixture(scope="module")
+def grounding_sources(tmp_path_factory):
+    """Released-format files from each library's own builder at small sizes: RAM as the original code
+    saved it (the golden fixture, here with the older `vision_multi.*` head name), Grounding DINO from
+    groundingdino-py's builder ({"model": {"module." + key}}), SAM from segment-anything's (a bare
+    state dict)."""
+    from segment_anything.build_sam import _build_sam
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from bubogpt.grounding.detector import OriginalGroundingDinoConfig, build_original_grounding_dino, write_detector_vocab
+
+    root = tmp_path_factory.mktemp("grounding_sources")
+    ram = torch.load(RAM_FIXTURE / "ram.pth", weights_only=True)
+    ram["model"] = {k.replace("tagging_head.", "vision_multi.", 1): v for k, v in ram["model"].items()}
+    torch.save(ram, root / "ram_swin_large_14m.pth")
+    (root / "ram_tag_list.txt").write_text((RAM_FIXTURE / "tags.txt").read_text())
+    (root / "ram_tag_list_threshold.txt").write_text((RAM_FIXTURE / "tag_thresholds.txt").read_text())
+    bert = root / "bert-base-uncased"
+    bert.mkdir()
+    write_detector_vocab(bert / "vocab.txt", ["circle", "square", "dog", "red"])
+    tokenizer = BertTokenizer(str(bert / "vocab.txt"))
+    tokenizer.save_pretrained(bert)
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(bert)  # fmt: skip
+    torch.manual_seed(0)
+    dino_config = OriginalGroundingDinoConfig(hidden_dim=256, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=96, num_queries=10)
+    dino = build_original_grounding_dino(dino_config, bert).eval()
+    with torch.no_grad():
+        for parameter in dino.bbox_embed.parameters():
+            parameter.normal_(0, 0.05)
+    state = {f"module.{k}": v for k, v in dino.state_dict().items()}
+    state["module.label_enc.weight"] = torch.zeros(2001, 256)  # training-only, in the release
+    torch.save({"model": state, "epoch": 0}, root / "groundingdino_swint_ogc.pth")
+    torch.manual_seed(0)
+    sam = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
+    torch.save(sam.state_dict(), root / "sam_vit_h_4b8939.pth")
+    (root / "ram_config.json").write_text(json.dumps({"bert_heads": 2}))  # the fixture's; no shape holds it
+    return {"root": root, "bert": bert, "dino": dino, "dino_config": dino_config, "sam": sam.eval()}
+
+
+def test_convert_grounding_writes_what_serving_loads(grounding_sources, tmp_path, bubogpt_cli):
+    import numpy as np
+    from PIL import Image
+
+    from bubogpt.grounding.pipeline import load_grounding
+    from bubogpt.grounding.segmenter import SamSegmenter
+
+    root = grounding_sources["root"]
+    out = tmp_path / "grounding"
+    result = bubogpt_cli("convert-grounding", "--ram", str(root / "ram_swin_large_14m.pth"), "--ram-config", str(root / "ram_config.json"),
+                         "--gdino", str(root / "groundingdino_swint_ogc.pth"), "--bert", str(grounding_sources["bert"]),
+                         "--sam", str(root / "sam_vit_h_4b8939.pth"), "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "grounding.json").read_text())
+    assert manifest["grounding_dino"] == {**grounding_sources["dino_config"].__dict__}  # sizes from the shapes
+    assert manifest["sam"]["encoder_embed_dim"] == 32 and manifest["sam"]["encoder_global_attn_indexes"] == [1]
+    assert "vision_multi.* keys read as tagging_head.*" in manifest["ram_load_report"]
+
+    # The detector settings live in grounding.json (the reference's 800 px by default): smaller here, for speed.
+    manifest["detector"].update(resize_short=64, resize_max=96)
+    (out / "grounding.json").write_text(json.dumps(manifest))
+    pipeline = load_grounding(out)  # what serve/app.py's Grounder calls with grounding_dir
+    assert pipeline.detector.config.resize_short == 64
+    io = torch.load(RAM_FIXTURE / "io.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline.tagger.model(io["image"]), io["logits"], atol=1e-4, rtol=0)  # the original's logits
+        pixels = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+        expected = grounding_sources["dino"](pixels, captions=["red circle . dog ."])
+        logits, boxes = pipeline.detector.model.predict(pixels, ["red circle . dog ."])
+    torch.testing.assert_close(logits, expected["pred_logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(boxes, expected["pred_boxes"], atol=1e-5, rtol=0)
+    image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    box = np.array([[10, 5, 50, 40]], dtype=np.float32)
+    theirs = SamSegmenter(grounding_sources["sam"], min_region_area=0).mask_logits(image, box)
+    ours = SamSegmenter(pipeline.segmenter.sam, min_region_area=0).mask_logits(image, box)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    entities = pipeline.ground_image(Image.fromarray(image))  # the whole pipeline runs on it
+    assert isinstance(entities, list)
+    # A directory that exists is not overwritten by accident.
+    again = bubogpt_cli("convert-grounding", "--ram", str(root / "ram_swin_large_14m.pth"), "--gdino", str(root / "groundingdino_swint_ogc.pth"),
+                        "--bert", str(grounding_sources["bert"]), "--sam", str(root / "sam_vit_h_4b8939.pth"), "--out", str(out))  # fmt: skip
+    assert again.returncode == 2 and "not empty" in again.stderr

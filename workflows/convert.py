@@ -71,6 +71,8 @@ def add_grounding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ram", type=Path, required=True, help="ram_swin_large_14m.pth")
     parser.add_argument("--ram-tags", type=Path, help="ram_tag_list.txt (default: beside --ram)")
     parser.add_argument("--ram-thresholds", type=Path, help="ram_tag_list_threshold.txt (default: beside --ram)")
+    parser.add_argument("--ram-config", type=Path, help="a JSON of RAM sizes no shape holds, e.g. {\"bert_heads\": 4} "
+                        "(default: the released tagger's)")
     parser.add_argument("--gdino", type=Path, required=True, help="groundingdino_swint_ogc.pth")
     parser.add_argument("--bert", type=Path, required=True,
                         help="a local bert-base-uncased directory (Grounding DINO's tokenizer and text config)")
@@ -86,7 +88,8 @@ def run_grounding(args: argparse.Namespace) -> int:
 
     try:
         files = GroundingFiles(ram=args.ram, gdino=args.gdino, sam=args.sam, bert=args.bert,
-                               ram_tags=args.ram_tags, ram_thresholds=args.ram_thresholds)  # fmt: skip
+                               ram_tags=args.ram_tags, ram_thresholds=args.ram_thresholds,
+                               ram_config=args.ram_config)  # fmt: skip
         manifest = convert_grounding(files, args.out, dtype=args.dtype, overwrite=args.overwrite)
     except (CheckpointMismatchError, FileNotFoundError, FileExistsError) as error:
         print(f"bubogpt convert-grounding: {error}", file=sys.stderr)
