@@ -308,9 +308,10 @@ def _comparable(value):
     return value
 
 
-def check_against_model(state: dict[str, torch.Tensor], config: BuboGPTConfig) -> list[str]:
+def check_against_model(state: dict[str, torch.Tensor], config: BuboGPTConfig) -> tuple[list[str], list[str]]:
     """Every non-LLM key of the model built from `config` (on the meta device: no memory) must be in
-    `state` with its shape, and `state` must hold nothing else. Returns the model's key order."""
+    `state` with its shape. Returns (the model's keys in order, the keys of `state` it has no place
+    for: skipped and reported)."""
     from bubogpt.modeling_bubogpt import BuboGPT
 
     sizes = BuboGPTConfig.from_dict(config.to_dict())
@@ -319,10 +320,7 @@ def check_against_model(state: dict[str, torch.Tensor], config: BuboGPTConfig) -
         model = BuboGPT.build(sizes, dtype=torch.float32)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
     check_state_shapes(expected, state, "converted checkpoints")
-    extra = sorted(k for k in state if k not in expected)
-    if extra:
-        raise ConversionError(f"converted checkpoints: tensors the model has no place for: {extra[:10]}")
-    return list(expected)
+    return list(expected), sorted(k for k in state if k not in expected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +349,11 @@ def convert_released(
     state, report = released_state(files)
     names = {key: path.name for key, path in files.files().items()}
     config = infer_config(state, names, read_llm_config(files.llm), report.sources, heads)
-    order = check_against_model(state, config)
+    order, extra = check_against_model(state, config)
+    source_of = {"audio_encoder.": names["imagebind"], "vision_encoder.": names["eva"], "joiner.": names["bubogpt"]}
+    for key in extra:  # e.g. EVA parts of another export: listed, not written
+        file = next((f for prefix, f in source_of.items() if key.startswith(prefix)), "converted")
+        report.unexpected.setdefault(file, []).append(key)
 
     from bubogpt.checkpoints.training_state import atomic_directory, commit
 
