@@ -77,6 +77,19 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor, name: str) -> float:
     return (actual.float() - expected.float()).abs().max().item()
 
 
+def output_errors(audio_encoder, vision_encoder, joiner, io: dict) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Max abs error of each io.pt output; also returns the encoders' tokens."""
+    audio_tokens = audio_encoder(io["fbank"])
+    vision_tokens = vision_encoder(io["image"])
+    errors = {
+        "audio_tokens": max_error(audio_tokens, io["audio_tokens"], "audio_tokens"),
+        "vision_tokens": max_error(vision_tokens, io["vision_tokens"], "vision_tokens"),
+        "joiner_audio": max_error(joiner("audio", audio_tokens), io["joiner_audio"], "joiner_audio"),
+        "joiner_vision": max_error(joiner("vision", vision_tokens), io["joiner_vision"], "joiner_vision"),
+    }
+    return errors, audio_tokens, vision_tokens
+
+
 @torch.no_grad()
 def check_bubogpt_fixture(directory: Path) -> int:
     fixture = json.loads((directory / "config.json").read_text())
@@ -97,14 +110,7 @@ def check_bubogpt_fixture(directory: Path) -> int:
     load_blip2_vision_qformer(joiner_from_blip2.qformers["vision"], vision_encoder, directory / "blip2_pretrained.pth")
     load_minigpt4_projection(joiner_from_blip2.projections["vision"], directory / "minigpt4_proj.pth")
 
-    audio_tokens = audio_encoder(io["fbank"])
-    vision_tokens = vision_encoder(io["image"])
-    errors = {
-        "audio_tokens": max_error(audio_tokens, io["audio_tokens"], "audio_tokens"),
-        "vision_tokens": max_error(vision_tokens, io["vision_tokens"], "vision_tokens"),
-        "joiner_audio": max_error(joiner("audio", audio_tokens), io["joiner_audio"], "joiner_audio"),
-        "joiner_vision": max_error(joiner("vision", vision_tokens), io["joiner_vision"], "joiner_vision"),
-    }
+    errors, audio_tokens, vision_tokens = output_errors(audio_encoder, vision_encoder, joiner, io)
     # The two routes must agree with each other, not only each with the fixture.
     errors["joiner_vision (blip2 + minigpt4 vs bubogpt_joiner)"] = max_error(
         joiner_from_blip2("vision", vision_tokens), joiner("vision", vision_tokens), "routes"
@@ -147,14 +153,7 @@ def check_converted(directory: Path, converted: Path) -> int:
     except (CheckpointMismatchError, FileNotFoundError, ValueError) as error:
         print(f"{converted}: cannot load: {error} [FAIL]")
         return 1
-    audio_tokens = audio_encoder(io["fbank"])
-    vision_tokens = vision_encoder(io["image"])
-    errors = {
-        "audio_tokens": max_error(audio_tokens, io["audio_tokens"], "audio_tokens"),
-        "vision_tokens": max_error(vision_tokens, io["vision_tokens"], "vision_tokens"),
-        "joiner_audio": max_error(joiner("audio", audio_tokens), io["joiner_audio"], "joiner_audio"),
-        "joiner_vision": max_error(joiner("vision", vision_tokens), io["joiner_vision"], "joiner_vision"),
-    }
+    errors, _, _ = output_errors(audio_encoder, vision_encoder, joiner, io)
     for name, error in errors.items():
         verdict = "ok" if error <= TOLERANCE else "FAIL"
         print(f"converted {name} ({converted.name}): max abs error {error:.3e} [{verdict}]")

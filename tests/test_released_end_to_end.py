@@ -56,12 +56,12 @@ def test_serve_answers_an_openai_request_with_the_converted_model(converted, ser
         content = [{"type": "text", "text": "What is it?"},
                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + _b64(image_bytes(scene(3).pixels))}},
                    {"type": "input_audio", "input_audio": {"data": _b64(sound_bytes("chirp")), "format": "wav"}}]  # fmt: skip
-        reply = _first_reply(client, content)
+        assert _served_models(client) == ["bubogpt-custom"]  # the converted config's preset
+        reply = client.chat.completions.create(model="bubogpt-custom", messages=[{"role": "user", "content": content}],
+                                               max_tokens=6, temperature=0)  # fmt: skip
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.usage.prompt_tokens > 2 * 4  # the two modalities' query tokens are in the prompt
         assert isinstance(reply.choices[0].message.content, str)
-        models = client.models.list()
-        assert [m.id for m in models.data] == ["bubogpt-custom"]  # the converted config's preset
     finally:
         serve.delete("converted")
 
@@ -72,8 +72,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _first_reply(client, content):
-    """The application may still be starting its replicas: retry until it answers (or 3 minutes)."""
+def _served_models(client) -> list[str]:
+    """The application may still be starting its replicas (its route answers 404 until then):
+    wait until it lists its models (or 3 minutes)."""
     import time
 
     import openai
@@ -81,8 +82,7 @@ def _first_reply(client, content):
     deadline = time.monotonic() + 180
     while True:
         try:
-            return client.chat.completions.create(model="bubogpt", messages=[{"role": "user", "content": content}],
-                                                  max_tokens=6, temperature=0)  # fmt: skip
+            return [model.id for model in client.models.list().data]
         except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
             if time.monotonic() > deadline:
                 raise
