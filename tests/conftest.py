@@ -92,9 +92,9 @@ def reference(serve_app):
 @pytest.fixture(scope="session")
 def direct_grounding(serve_app):
     """The grounding pipeline from the server's weights, called directly: what the server's must equal."""
-    from bubogpt.grounding.pipeline import TINY_ASSETS, load_tiny_grounding
+    from bubogpt.grounding.pipeline import load_grounding
 
-    return load_tiny_grounding(serve_app.settings["grounding_dir"] or TINY_ASSETS)
+    return load_grounding(serve_app.settings["grounding_dir"])
 
 
 # --- training (workflows/train.py): a real MLflow server and ONE short training shared by all tests ---

@@ -30,8 +30,8 @@ from workflows.data.prepared import (
 from workflows.prepare import PrepareError, Preprocessor, PrepareConfig, read_corpus_spec, records_to_batch, run_prepare
 
 TINY = tiny()
-IMAGE_CONFIG = ImagePreprocessConfig(image_size=TINY.vision.img_size)
-AUDIO_CONFIG = AudioPreprocessConfig(num_clips=TINY.audio_clips)
+IMAGE_CONFIG = ImagePreprocessConfig.for_model(TINY)
+AUDIO_CONFIG = AudioPreprocessConfig.for_model(TINY)
 FP16 = {"rtol": 0.0, "atol": 2e-3}  # values within a few units: float16 storage rounds by <= 1e-3
 # Which modality each dataset carries: (image, audio).
 MODALITIES = {

@@ -43,8 +43,8 @@ def test_chat_puts_media_slots_in_the_first_user_turn_only():
     assert chat.image.data == b"\x89PNG..." and chat.audio.data == b"RIFF...."
     assert (chat.max_new_tokens, chat.temperature, chat.do_sample) == (8, 0.0, False)
     rendered = chat.conversation().render()
-    assert chat.conversation().modalities() == ["vision", "audio"]
-    assert rendered[-1].endswith("</Audio> what is it?###Assistant: a circle###Human: and now?###Assistant:")
+    assert chat.conversation().modalities() == ["audio", "vision"]  # audio first, as the original's prompts
+    assert rendered[-1].endswith("</Vision> what is it?###Assistant: a circle###Human: and now?###Assistant:")
 
 
 def test_openai_messages_map_to_turns_system_and_media():

@@ -197,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
 
+    from workflows import convert
+
+    converter = commands.add_parser("convert", help="the released BuboGPT checkpoints -> a model directory")
+    convert.add_arguments(converter)
+    converter.set_defaults(func=convert.run)
+    grounding_converter = commands.add_parser("convert-grounding", help="RAM, Grounding DINO, SAM -> a grounding directory")
+    convert.add_grounding_arguments(grounding_converter)
+    grounding_converter.set_defaults(func=convert.run_grounding)
+
     quickstart = commands.add_parser("quickstart", help="the whole system end to end on the tiny default")
     from workflows.quickstart import add_arguments as add_quickstart_arguments
 
