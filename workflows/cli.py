@@ -64,7 +64,9 @@ def data_prepare(options: PrepareOptions) -> int:
 
 def serve(options: ServeOptions) -> int:
     from serve.local import run_local
+    from workflows.ray_connect import check_reachable
 
+    check_reachable()  # `serve run` would retry a dead address for ever
     return run_local(options.model, port=options.port, host=options.host, api_key_env=options.api_key_env)
 
 

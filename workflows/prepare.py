@@ -78,6 +78,7 @@ from bubogpt.preprocess import (
 from workflows.data import readers
 from workflows.data.prepared import DATASETS, MANIFEST_FILE, SPLITS, STORAGE_DTYPE
 from workflows.data.shards import SKIP_PATH, SKIP_REASON, ShardSink, write_empty_shard
+from workflows.ray_connect import connect
 
 logger = logging.getLogger(__name__)
 
@@ -491,7 +492,7 @@ def run_prepare(
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address)
+        connect(address)  # bounded: a one-line error instead of retrying a dead address
     data_context = ray.data.DataContext.get_current()
     saved_progress = data_context.enable_progress_bars
     data_context.enable_progress_bars = progress

@@ -33,7 +33,7 @@ import requests
 
 from workflows.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
 from workflows.options import EvalOptions, QuickstartOptions, TrainOptions
-from workflows.ray_connect import forget_cluster, quiet_ray_noise
+from workflows.ray_connect import connect, forget_cluster, quiet_ray_noise
 
 RAY_RECORD = "ray.json"
 
@@ -224,14 +224,12 @@ def run_quickstart(options: QuickstartOptions) -> int:
 
     say("1/7 local Ray cluster and MLflow tracking server")
     address = options.address or start_ray(workdir, options.num_cpus)
-    mlflow = start_mlflow_server(workdir / "mlflow")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow.uri
-    from workflows.ray_connect import connect
-
     # Workers' output (the training progress lines) comes to this terminal, without Ray's own
     # warning floods (they stay in the logs); Serve's request log does not (deploy() turns it off).
     connect(address, log_to_driver=True)
     quiet_ray_noise()
+    mlflow = start_mlflow_server(workdir / "mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow.uri
     print(f"Ray at {address}; MLflow at {mlflow.uri}")
 
     corpus, prepared, model = workdir / "corpus", workdir / "prepared", workdir / "model"

@@ -102,20 +102,26 @@ def _watchdog(seconds: float, message: str) -> Iterator[None]:
         timer.cancel()
 
 
-def connect(address: str | None = None, **init_kwargs: Any) -> None:
-    """`ray.init(address, **init_kwargs)` unless Ray is already initialised, bounded in time.
-
-    Raises `RayConnectError` at once when nothing listens at the address; a cluster that listens but
-    does not answer ends the process after `CONNECT_TIMEOUT_S` with the same kind of message."""
-    import ray
-
-    if ray.is_initialized():
-        return
+def check_reachable(address: str | None = None) -> tuple[str | None, str]:
+    """Raise `RayConnectError` at once when nothing listens at the address `ray.init(address)` would
+    connect to; returns that address (None: a new local Ray) and where it comes from."""
     target, source = resolve_address(address)
     if target is not None:
         where = _host_port(target)
         if where is not None and not _listening(*where):
             raise RayConnectError(unreachable_message(target, source))
+    return target, source
+
+
+def connect(address: str | None = None, **init_kwargs: Any) -> None:
+    """`ray.init(address, **init_kwargs)` unless Ray is already initialised, bounded in time:
+    `check_reachable` first, and a cluster that listens but does not answer ends the process after
+    `CONNECT_TIMEOUT_S` with a one-line message."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target, source = check_reachable(address)
     message = (f"gave up connecting to Ray at {target} ({source}) after {CONNECT_TIMEOUT_S:.0f} s: "
                "check that the cluster is up and the address is right")  # fmt: skip
     with _watchdog(CONNECT_TIMEOUT_S, message):

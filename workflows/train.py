@@ -357,6 +357,8 @@ def run_training(options: TrainOptions) -> int:
     overrides = load_overrides(options.config) if options.config else {}
     configs = with_job_overrides(resolve_stages(options.preset, options.stage, overrides), options.max_steps, options.batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
+    init = Path(options.init).resolve() if options.init else None
+    init_dir = _stage_init(options, configs, overrides, build_initial_model(options.preset, out_dir, init, options.seed))
     connect(options.address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
 
@@ -368,8 +370,6 @@ def run_training(options: TrainOptions) -> int:
     log(f"MLflow run {tracker.run_id} at {uri}")
     status, stage_runs = "FAILED", {}
     try:
-        init = Path(options.init).resolve() if options.init else None
-        init_dir = _stage_init(options, configs, overrides, build_initial_model(options.preset, out_dir, init, options.seed))
         tracker.log_params(flatten(json.loads((init_dir / CONFIG_FILE).read_text()), "model."))
         stage_runs = {c.stage: tracker.start_stage(c.stage, flatten(c.to_dict())) for c in configs}
         (out_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": tracker.run_id, "stage_runs": stage_runs}, indent=2))
