@@ -195,6 +195,11 @@ def test_forget_cluster_removes_only_the_named_address(tmp_path, monkeypatch):
     assert resolve_address(None)[0] == "10.0.0.1:6379"
     assert not forget_cluster("10.0.0.2:6379") and path.is_file()  # another cluster's record stays
     assert forget_cluster("10.0.0.1:6379") and not path.exists()
+    # `ray start --node-ip-address 127.0.0.1` records the node's IP: the same cluster for Ray.
+    from ray._private.services import canonicalize_bootstrap_address
+
+    path.write_text(canonicalize_bootstrap_address("127.0.0.1:6379"))
+    assert forget_cluster("127.0.0.1:6379") and not path.exists()
     assert resolve_address(None) == (None, "a new local Ray")
 
 

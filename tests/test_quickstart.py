@@ -78,9 +78,16 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     for stage in ("lm_warmup", "vision_align", "stage1", "stage2"):
         assert out.count(f"[bubogpt train] {stage}: finished 6 steps") == 1, stage  # each line once
     assert out.count("[bubogpt train] all stages finished") == 1
-    # Ray's own warning floods stay in Ray's logs, off the terminal.
-    for noise in ("PlacementGroupCleaner", "RayDeprecationWarning", "has constructor arguments in the object store"):
+    # Ray's own warnings from its workers stay in Ray's logs, off the terminal (the placement-group
+    # cleaner warns every few seconds while the dashboard is off).
+    for noise in ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "RayDeprecationWarning",
+                  "'PreemptionWatcher'"):  # fmt: skip
         assert noise not in out + err, noise
+    from workflows.ray_connect import address_file
+
+    started = (workdir / "ray_auth_token").stat().st_mtime
+    logs = [p for p in address_file().parent.glob("session_*/logs/worker-*.err") if p.stat().st_mtime >= started]
+    assert any("'PreemptionWatcher'" in p.read_text(errors="replace") for p in logs), "the warnings left the logs too"
     assert "/v1/chat 200" not in out  # no access-log lines
     assert "MLflow UI" in out and f"http://127.0.0.1:{port}" in out and "--stop" in out
 
@@ -114,12 +121,12 @@ def test_second_run_reuses_completed_steps(two_runs):
 def test_stop_leaves_nothing_a_plain_command_trips_on(two_runs, tmp_path):
     """After `--stop`, a plain command (no --address) starts its own Ray: the address file `ray start`
     wrote no longer sends it to the stopped cluster (runs last: it stops the services)."""
-    from workflows.ray_connect import address_file
+    from workflows.ray_connect import address_file, same_address
 
     workdir = two_runs[0]
     address = json.loads((workdir / "ray.json").read_text())["address"]
     recorded = address_file()
-    assert recorded.read_text().strip() == address  # the quickstart's `ray start` recorded its cluster
+    assert same_address(recorded.read_text().strip(), address)  # the quickstart's `ray start` recorded its cluster
     stopped, _ = quickstart(workdir, "--stop", timeout=120)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert not recorded.exists()

@@ -227,4 +227,6 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_session, prepared_
     for folder in folders:
         assert is_complete(folder)
         read_model(folder / "model")
-    assert "resuming from the checkpoint of stage1" in (tmp_path / "train.log").read_text()
+    output = (tmp_path / "train.log").read_text()
+    assert "resuming from the checkpoint of stage1" in output
+    assert output.count("[bubogpt train] stage1: finished 24 steps") == 1  # each progress line printed once

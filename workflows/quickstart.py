@@ -210,11 +210,6 @@ def send_requests(url: str, corpus: Path, annotated: Path) -> list[dict]:
 
 
 def run_quickstart(options: QuickstartOptions) -> int:
-    from bubogpt.data.synth import synthesize
-    from workflows.evaluate import run_eval
-    from workflows.prepare import run_prepare
-    from workflows.train import run_training
-
     workdir = options.workdir.resolve()
     if options.stop:
         return stop(workdir)
@@ -228,6 +223,12 @@ def run_quickstart(options: QuickstartOptions) -> int:
     # warning floods (they stay in the logs); Serve's request log does not (deploy() turns it off).
     connect(address, log_to_driver=True)
     quiet_ray_noise()
+    # Imported only now: Ray reads RAY_AUTH_MODE (set by `start_ray`) when it is first imported.
+    from bubogpt.data.synth import synthesize
+    from workflows.evaluate import run_eval
+    from workflows.prepare import run_prepare
+    from workflows.train import run_training
+
     mlflow = start_mlflow_server(workdir / "mlflow")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.uri
     print(f"Ray at {address}; MLflow at {mlflow.uri}")

@@ -37,13 +37,27 @@ def address_file() -> Path:
     return Path(get_ray_address_file(None))
 
 
+def same_address(a: str, b: str) -> bool:
+    """Do two GCS addresses name the same cluster? `ray start --node-ip-address 127.0.0.1` records
+    the node's IP instead of 127.0.0.1: compare them the way Ray resolves them."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    def canonical(address: str) -> str:
+        try:
+            return canonicalize_bootstrap_address(address) or address
+        except Exception:  # not an address Ray can parse: compare the text
+            return address
+
+    return a == b or canonical(a) == canonical(b)
+
+
 def forget_cluster(address: str | None = None) -> bool:
     """What `ray stop` does to the address file: remove it (only if it names `address`, when given),
     so a later plain `ray.init()` starts a local Ray instead of following a dead address."""
     from ray._common.utils import reset_ray_address
 
     path = address_file()
-    if not path.is_file() or (address is not None and path.read_text().strip() != address):
+    if not path.is_file() or (address is not None and not same_address(path.read_text().strip(), address)):
         return False
     reset_ray_address(None)
     return True
