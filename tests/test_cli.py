@@ -235,3 +235,13 @@ def test_ray_noise_is_filtered_from_the_terminal_only(ray_session, capsys):
     finally:
         with dispatcher._lock:
             dispatcher.handlers[:] = saved
+
+
+def test_quickstart_on_an_unreachable_cluster_fails_before_starting_anything(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    result, seconds = bubogpt("quickstart", "--workdir", str(tmp_path / "q"), "--address", address,
+                              env={"RAY_TMPDIR": str(tmp_path / "rt"), "RAY_ADDRESS": ""})  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert last_line(result).startswith(f"bubogpt quickstart: no Ray cluster answers at {address}")
+    assert not (tmp_path / "q" / "mlflow").exists()  # no MLflow server was left running
+    assert seconds < 60
