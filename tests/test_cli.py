@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from workflows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
