@@ -155,16 +155,13 @@ def trained_tiny_model(ray_session, prepared_small_corpus, mlflow_server, tmp_pa
     `bubogpt train --stage all --max-steps 6`. Not a good model; a real one, trained the real way."""
     import json
 
-    from workflows.cli import build_parser
+    from workflows.options import TrainOptions
     from workflows.train import run_training
 
     out = tmp_path_factory.mktemp("trained_tiny_model") / "run"
     steps = 6
-    args = build_parser().parse_args([
-        "train", "--data", str(prepared_small_corpus.prepared_dir), "--out", str(out), "--stage", "all",
-        "--preset", "tiny", "--max-steps", str(steps), "--batch-size", "4", "--tracking-uri", mlflow_server,
-        "--eval-limit", "4",
-    ])  # fmt: skip
-    assert run_training(args) == 0
+    options = TrainOptions(out=out, data=prepared_small_corpus.prepared_dir, stage="all", preset="tiny",
+                           max_steps=steps, batch_size=4, tracking_uri=mlflow_server, eval_limit=4)  # fmt: skip
+    assert run_training(options) == 0
     run = json.loads((out / "run.json").read_text())
     return TrainedTinyModel(out, out / "model", prepared_small_corpus.prepared_dir, mlflow_server, run, steps)

@@ -91,15 +91,15 @@ def _served_models(client) -> list[str]:
 
 def test_train_init_runs_a_step_from_the_converted_model(converted, ray_session, prepared_small_corpus, tmp_path):
     from bubogpt.checkpoints.native import load_model
-    from workflows.cli import build_parser
+    from workflows.cli import parse
     from workflows.train import run_training
 
     out = tmp_path / "run"
-    args = build_parser().parse_args([
+    _, options = parse([
         "train", "--data", str(prepared_small_corpus.prepared_dir), "--out", str(out), "--stage", "stage1",
         "--preset", "7b", "--init", str(converted), "--max-steps", "1", "--batch-size", "2", "--no-eval", "--no-samples",
     ])  # fmt: skip
-    assert run_training(args) == 0
+    assert run_training(options) == 0
     trained, start = load_model(out / "model"), load_model(converted)
     # Stage 1 trains the audio Q-Former and projection; the frozen parts are unchanged.
     changed = {name for name, weight in trained.state_dict().items() if not torch.equal(weight, start.state_dict()[name])}

@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from workflows.options import ConvertGroundingOptions, ConvertOptions
+
 
 def _heads(text: str) -> dict[str, int]:
     """"audio=4,vision=4,qformer=2" -> {"audio": 4, ...}."""
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: "ConvertOptions") -> int:
     from bubogpt.checkpoints.common import CheckpointMismatchError
     from bubogpt.convert import HeadCounts, ReleasedFiles, convert_released
 
@@ -82,7 +84,7 @@ def add_grounding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
-def run_grounding(args: argparse.Namespace) -> int:
+def run_grounding(args: "ConvertGroundingOptions") -> int:
     from bubogpt.checkpoints.common import CheckpointMismatchError
     from bubogpt.convert import GroundingFiles, convert_grounding
 

@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -67,6 +65,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from bubogpt.atomic import replace_directory, staging_directory
 from bubogpt.config import PRESETS, BuboGPTConfig
 from bubogpt.preprocess import (
     AudioPreprocessConfig,
@@ -79,6 +78,7 @@ from bubogpt.preprocess import (
 from workflows.data import readers
 from workflows.data.prepared import DATASETS, MANIFEST_FILE, SPLITS, STORAGE_DTYPE
 from workflows.data.shards import SKIP_PATH, SKIP_REASON, ShardSink, write_empty_shard
+from workflows.ray_connect import connect
 
 logger = logging.getLogger(__name__)
 
@@ -483,12 +483,12 @@ def run_prepare(
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=address)
+        connect(address)  # bounded: a one-line error instead of retrying a dead address
     data_context = ray.data.DataContext.get_current()
     saved_progress = data_context.enable_progress_bars
     data_context.enable_progress_bars = progress
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_directory(out)
     try:
         if workers is None:  # one actor per free CPU, or per `num_gpus` share of the free GPUs
             resources = ray.available_resources()  # not the total: other actors (Serve) may hold some
@@ -522,8 +522,7 @@ def run_prepare(
         manifest_text = json.dumps(_manifest(config, units, sink.results, schema, input_dir), indent=2)
         (staging / MANIFEST_FILE).write_text(manifest_text)
         manifest = json.loads(manifest_text)  # what a reader of the file gets (lists, not tuples)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        _move_into_place(staging, out)
+        replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -543,17 +542,6 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
             raise PrepareError(f"output folder {out} is not empty; pass overwrite=True (--overwrite) to replace it")
         if not (out / MANIFEST_FILE).is_file():
             raise PrepareError(f"refusing to overwrite {out}: it is not a prepared corpus (no {MANIFEST_FILE})")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        # Empty, or a prepared corpus (checked before the run): move it aside first, delete it last.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "prepared")
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
 
 
 def _manifest(
