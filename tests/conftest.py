@@ -25,12 +25,85 @@ def golden_dir() -> Path:
     return path
 
 
+# --- object storage: a real S3-API server (moto in server mode), for storage tests ---
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str  # http://127.0.0.1:<port>
+    env: dict  # the variables set in os.environ: AWS_ENDPOINT_URL, dummy credentials, region
+
+    def create_bucket(self, name: str) -> str:
+        """Creates the bucket (3-63 lower-case letters, digits, dots, hyphens); returns "s3://<name>"."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint_url).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """`moto_server` on a free loopback port, with AWS_ENDPOINT_URL, dummy credentials and a region
+    set in os.environ for the session, so boto3, pyarrow (and Ray workers started after it, e.g. by
+    `ray_session`, which requests this fixture) reach it as they would reach S3. Buckets:
+    `s3_server.create_bucket(name)`; give each test its own bucket or prefix."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"moto server did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no probing for instance credentials
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield S3Server(endpoint, env)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
 # --- Ray and the prepared tiny corpus (workflows/prepare.py), shared by data/training/serving tests ---
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (2 CPUs, no dashboard); a Ray already running is reused."""
+def ray_session(s3_server):
+    """One local Ray for the whole session (2 CPUs, no dashboard); a Ray already running is reused.
+    Started after `s3_server`, so its workers inherit the object-storage endpoint and credentials."""
     import ray
 
     if ray.is_initialized():

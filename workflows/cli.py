@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="preprocess a corpus (INPUT/corpus.json layout) into Parquet shards with Ray Data"
     )
     prepare.add_argument("--input", type=Path, required=True, help="folder holding corpus.json")
-    prepare.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
+    prepare.add_argument("--out", required=True, help="output folder or URI (s3://bucket/prefix, gs://...); new or empty")
     prepare.add_argument("--address", default=None, help="an existing Ray cluster (default: a local Ray)")
     prepare.add_argument("--preset", choices=["tiny", "7b", "13b"], default="tiny", help="image size and clips")
     prepare.add_argument("--features-model", type=Path, default=None, help="also store frozen encoder tokens")

@@ -38,7 +38,7 @@ Output, all or nothing:
                   deletes the shards it wrote (best effort) and leaves the previous manifest; a
                   run killed outright may leave unlisted shards, which no reader reads. With
                   --overwrite, the previous output's shards are deleted after the new manifest is
-                  in place. Credentials and endpoint come from the environment, as pyarrow reads
+                  in place. (pyarrow leaves empty folder markers where it deleted files.) Credentials and endpoint come from the environment, as pyarrow reads
                   them (S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
                   AWS_ENDPOINT_URL), on the driver and on the nodes running the actors.
 
@@ -597,11 +597,14 @@ def prepare_chunk(
         pending.clear()
         pixel_cache.clear()
 
-    records = read_chunk_records(chunk)
-    while batch := list(itertools.islice(records, batch_size)):
-        pending += preprocessor.preprocess(batch, pixel_cache)
-        if sum(row[SKIP_REASON] is None for row in pending) >= rows_per_file:
+    records, rows = read_chunk_records(chunk), 0  # rows: records in `pending` that are not skips
+    while batch := list(itertools.islice(records, min(batch_size, rows_per_file - rows))):
+        preprocessed = preprocessor.preprocess(batch, pixel_cache)
+        pending += preprocessed
+        rows += sum(row[SKIP_REASON] is None for row in preprocessed)
+        if rows == rows_per_file:
             flush()
+            rows = 0
     if pending:
         flush()
     return result
@@ -775,7 +778,11 @@ def _check_output_store(
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.File:
             raise PrepareError(f"output {out} exists and is not a folder")
-        if info.type == pafs.FileType.NotFound or not filesystem.get_file_info(pafs.FileSelector(path)):
+        if info.type == pafs.FileType.NotFound:
+            return None
+        # Only objects count: pyarrow leaves empty folder markers behind when it deletes files.
+        everything = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        if not any(entry.type == pafs.FileType.File for entry in everything):
             return None
         has_manifest = filesystem.get_file_info(f"{path}/{MANIFEST_FILE}").type == pafs.FileType.File
     except OSError as err:
