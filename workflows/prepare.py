@@ -746,10 +746,11 @@ def _run_pipeline(chunks: list[Chunk], preparer: dict[str, Any], workers: int, n
         fn_constructor_kwargs=preparer,
         batch_size=1,  # one chunk per call
         batch_format="pyarrow",
-        # One chunk in flight per actor: a chunk queued behind a busy actor would wait there while
-        # another actor is idle, at the end of the job.
+        # Two chunks in flight per actor: the next one is there when a chunk ends (Ray Data notices
+        # a finished task up to 0.1 s late), and at the end at most one short chunk waits behind
+        # a busy actor while another is idle.
         compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=workers, initial_size=workers, max_tasks_in_flight_per_actor=1
+            min_size=1, max_size=workers, initial_size=workers, max_tasks_in_flight_per_actor=2
         ),
         num_gpus=num_gpus or None,
     )
