@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,47 @@ def golden_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"golden fixtures missing at {path}")
     return path
+
+
+# --- servers the tests start: a process on a free loopback port, stopped at the end ---
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _server_process(command: list[str], health_url: str, log_path: Path, timeout_s: float):
+    """Runs `command` (output to log_path) until health_url answers; yields; terminates it."""
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(health_url, timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"{Path(command[0]).name} did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
 
 
 # --- object storage: a real S3-API server (moto in server mode), for storage tests ---
@@ -47,32 +89,12 @@ def s3_server(tmp_path_factory):
     set in os.environ for the session, so boto3, pyarrow (and Ray workers started after it, e.g. by
     `ray_session`, which requests this fixture) reach it as they would reach S3. Buckets:
     `s3_server.create_bucket(name)`; give each test its own bucket or prefix."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=5)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"moto server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+    command = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -82,19 +104,16 @@ def s3_server(tmp_path_factory):
         "AWS_EC2_METADATA_DISABLED": "true",  # no probing for instance credentials
     }
     saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    yield S3Server(endpoint, env)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with _server_process(command, f"{endpoint}/moto-api/", log_path, timeout_s=120):
+        os.environ.update(env)
+        try:
+            yield S3Server(endpoint, env)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 # --- Ray and the prepared tiny corpus (workflows/prepare.py), shared by data/training/serving tests ---
@@ -153,40 +172,17 @@ def serve_app(ray_session, tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend, local artifact root) on a free loopback port."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=5)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield uri
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with _server_process(command, f"{uri}/health", root / "server.log", timeout_s=240):
+        yield uri
 
 
 @dataclass
