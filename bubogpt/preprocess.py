@@ -44,7 +44,6 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -419,15 +418,25 @@ def image_transform(
     """
     config = config or ImagePreprocessConfig()
     size = config.image_size
-    bicubic = transforms.InterpolationMode.BICUBIC
     if train:
+        # Imported here: torchvision's import costs 1-1.5 s of CPU (it pulls in torch._dynamo), which
+        # every data-preparation actor and Serve replica would pay for the eval path below.
+        from torchvision import transforms
+
+        bicubic = transforms.InterpolationMode.BICUBIC
         crop = transforms.RandomResizedCrop(size, scale=config.train_scale, interpolation=bicubic)
-        geometry = [crop]
-    else:
-        geometry = [transforms.Resize((size, size), interpolation=bicubic)]
-    return transforms.Compose(
-        [*geometry, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
-    )
+        return transforms.Compose([crop, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)])
+    mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+
+    def eval_transform(image: Image.Image) -> torch.Tensor:
+        # What torchvision's Resize((size, size), BICUBIC) + ToTensor + Normalize do to an RGB PIL
+        # image, op for op (tests/test_prepare.py checks the two are bit-identical).
+        resized = image.resize((size, size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
+
+    return eval_transform
 
 
 def load_image(

@@ -7,6 +7,7 @@ with `load_model`, and planted corrupt files against `skipped`.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -483,3 +484,33 @@ def test_local_output_is_all_or_nothing(prepared_small_corpus, ray_session, tmp_
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "corpus" not in p.parts)
     assert after == before  # OUT untouched, no staging folder left beside it
     assert read_manifest(out) == first
+
+
+def test_eval_image_transform_is_torchvisions_and_actors_do_not_import_torchvision():
+    """bubogpt.preprocess's eval transform does, without torchvision, exactly what torchvision's
+    Resize(BICUBIC) + ToTensor + Normalize do; the preparation code then never imports torchvision,
+    whose import is the largest part of an actor's start-up (it pulls in torch._dynamo)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from bubogpt.preprocess import decode_image, image_transform
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((320, 160), (90, 301))]
+    encoded = io.BytesIO()
+    images[0].save(encoded, "JPEG", quality=90)
+    images.append(decode_image(encoded.getvalue()))  # as the Preprocessor gets it
+    for size in (32, 112, 224):
+        config = ImagePreprocessConfig(image_size=size)
+        bicubic = transforms.InterpolationMode.BICUBIC
+        reference = transforms.Compose([transforms.Resize((size, size), interpolation=bicubic), transforms.ToTensor(),
+                                        transforms.Normalize(config.mean, config.std)])  # fmt: skip
+        for image in images:
+            assert torch.equal(image_transform(config)(image), reference(image))
+
+    code = "import sys, workflows.prepare; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
