@@ -122,13 +122,15 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the whole session (2 CPUs, no dashboard); a Ray already running is reused.
-    Started after `s3_server`, so its workers inherit the object-storage endpoint and credentials."""
+    Started after `s3_server`, so its workers inherit the object-storage endpoint and credentials.
+    Its metrics agent exports Prometheus metrics on a free port (`bubogpt serve --metrics-port`'s
+    option; the serving metrics test scrapes it: ray.nodes()[i]["MetricsExportPort"])."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=_free_port())
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -164,6 +166,22 @@ def serve_app(ray_session, tmp_path_factory):
     app, stop = start_app(tmp_path_factory.mktemp("serve_app"))
     yield app
     stop()
+
+
+@pytest.fixture(scope="session")
+def reference(serve_app):
+    """The server's model directory, loaded here: what the server's answers must equal."""
+    from bubogpt.checkpoints.native import load_model
+
+    return load_model(serve_app.model_dir)
+
+
+@pytest.fixture(scope="session")
+def direct_grounding(serve_app):
+    """The grounding pipeline from the server's weights, called directly: what the server's must equal."""
+    from bubogpt.grounding.pipeline import load_grounding
+
+    return load_grounding(serve_app.settings["grounding_dir"])
 
 
 # --- training (workflows/train.py): a real MLflow server and ONE short training shared by all tests ---

@@ -43,8 +43,8 @@ from workflows.prepare import (
 )
 
 TINY = tiny()
-IMAGE_CONFIG = ImagePreprocessConfig(image_size=TINY.vision.img_size)
-AUDIO_CONFIG = AudioPreprocessConfig(num_clips=TINY.audio_clips)
+IMAGE_CONFIG = ImagePreprocessConfig.for_model(TINY)
+AUDIO_CONFIG = AudioPreprocessConfig.for_model(TINY)
 FP16 = {"rtol": 0.0, "atol": 2e-3}  # values within a few units: float16 storage rounds by <= 1e-3
 # Which modality each dataset carries: (image, audio).
 MODALITIES = {
@@ -487,9 +487,9 @@ def test_local_output_is_all_or_nothing(prepared_small_corpus, ray_session, tmp_
 
 
 def test_eval_image_transform_is_torchvisions_and_actors_do_not_import_torchvision():
-    """bubogpt.preprocess's eval transform does, without torchvision, exactly what torchvision's
-    Resize(BICUBIC) + ToTensor + Normalize do; the preparation code then never imports torchvision,
-    whose import is the largest part of an actor's start-up (it pulls in torch._dynamo)."""
+    """bubogpt.preprocess's eval transforms do, without torchvision, exactly what torchvision's
+    Resize(BICUBIC) [+ CenterCrop] + ToTensor + Normalize do; the preparation code then never imports
+    torchvision, whose import is the largest part of an actor's start-up (it pulls in torch._dynamo)."""
     import subprocess
     import sys
 
@@ -500,17 +500,22 @@ def test_eval_image_transform_is_torchvisions_and_actors_do_not_import_torchvisi
     from bubogpt.preprocess import decode_image, image_transform
 
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((320, 160), (90, 301))]
+    sizes = ((320, 160), (90, 301), (225, 224), (113, 112), (112, 112), (57, 400))  # odd margins: rounding
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     encoded = io.BytesIO()
     images[0].save(encoded, "JPEG", quality=90)
     images.append(decode_image(encoded.getvalue()))  # as the Preprocessor gets it
+    bicubic = transforms.InterpolationMode.BICUBIC
     for size in (32, 112, 224):
-        config = ImagePreprocessConfig(image_size=size)
-        bicubic = transforms.InterpolationMode.BICUBIC
-        reference = transforms.Compose([transforms.Resize((size, size), interpolation=bicubic), transforms.ToTensor(),
-                                        transforms.Normalize(config.mean, config.std)])  # fmt: skip
-        for image in images:
-            assert torch.equal(image_transform(config)(image), reference(image))
+        for eval_resize in ("center_crop", "squash"):
+            config = ImagePreprocessConfig(image_size=size, eval_resize=eval_resize)
+            if eval_resize == "center_crop":
+                geometry = [transforms.Resize(size, interpolation=bicubic), transforms.CenterCrop(size)]
+            else:
+                geometry = [transforms.Resize((size, size), interpolation=bicubic)]
+            reference = transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)])
+            for image in images:
+                assert torch.equal(image_transform(config)(image), reference(image)), (size, eval_resize, image.size)
 
     code = "import sys, workflows.prepare; print('torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -229,7 +229,7 @@ def test_collate_builds_compact_modality_tensors_in_prompt_order(model, tokenize
         _row("cc_sbu_align", image=True, answer="A picture of a blue circle."),
     ]
     batch = collate(rows, "instruction", np.random.default_rng(0))
-    assert [prompt_modalities(p) for p in batch.prompts] == [["vision"], ["audio"], ["vision", "audio"], ["vision"]]
+    assert [prompt_modalities(p) for p in batch.prompts] == [["vision"], ["audio"], ["audio", "vision"], ["vision"]]
     assert batch.image.shape == (3, 3, 112, 112) and batch.audio.shape == (2, 3, 1, 128, 204)
     # Row order is kept: image rows 0, 2, 3 and audio rows 1, 2.
     assert torch.equal(batch.image[1], torch.as_tensor(rows[2]["pixel_values"]))

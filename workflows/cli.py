@@ -48,7 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
     from serve.settings import SettingsError
 
     try:
-        return run_local(args.model, port=args.port, host=args.host, api_key_env=args.api_key_env)
+        return run_local(args.model, port=args.port, host=args.host, api_key_env=args.api_key_env,
+                         metrics_port=args.metrics_port)
     except SettingsError as err:
         print(f"bubogpt serve: {err}", file=sys.stderr)
         return 2
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     serve.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token to require")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="Ray's metrics export port: Prometheus metrics at http://HOST:PORT/metrics")
     serve.set_defaults(func=_serve)
     ground = commands.add_parser("ground", help="ground an answer in an image: entities, spans (JSON) and an annotated PNG")
     ground.add_argument("image", type=Path, help="the image file")
@@ -193,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a model on the held-out splits of a prepared corpus")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
+
+    from workflows import convert
+
+    converter = commands.add_parser("convert", help="the released BuboGPT checkpoints -> a model directory")
+    convert.add_arguments(converter)
+    converter.set_defaults(func=convert.run)
+    grounding_converter = commands.add_parser("convert-grounding", help="RAM, Grounding DINO, SAM -> a grounding directory")
+    convert.add_grounding_arguments(grounding_converter)
+    grounding_converter.set_defaults(func=convert.run_grounding)
 
     quickstart = commands.add_parser("quickstart", help="the whole system end to end on the tiny default")
     from workflows.quickstart import add_arguments as add_quickstart_arguments

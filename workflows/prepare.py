@@ -65,8 +65,8 @@ INPUT/corpus.json (what `bubogpt data synth` writes; write one by hand for real 
                                                       "image_dir": "/data/coco/train2014"}}}}}
 
 Output: see workflows/data/prepared.py for the layout and columns (a contract other code reads).
-Images use the inference transform (a bicubic resize of the whole image to a square) and audio
-evenly spaced clips without SpecAugment. With `features_model`, the frozen encoders' output tokens
+Images use the inference transform (bicubic, resized as the preset's `image_eval_resize` says) and
+audio evenly spaced clips without SpecAugment. With `features_model`, the frozen encoders' output tokens
 are stored too, so training can skip the encoders (they never change in training); the trade-off,
 also stated in the manifest: no input augmentation (no random crops, random clips or SpecAugment)
 for a run that reads them.
@@ -128,7 +128,7 @@ PIPELINE_SCHEMA = readers.RECORD_SCHEMA.append(pa.field(SKIP_PATH, pa.string()))
 # while other actors have nothing left to do, so they should be short.
 CHUNKS_PER_WORKER = 16
 AUGMENTATION_NOTE = (
-    "none: pixel_values use the inference transform (bicubic resize of the whole image), fbank evenly "
+    "none: pixel_values use the inference transform (bicubic, the preset's image_eval_resize), fbank evenly "
     "spaced clips without SpecAugment; vision_tokens/audio_tokens (when present) are the frozen "
     "encoders' outputs on exactly these inputs, so a run that reads them trains without input "
     "augmentation"
@@ -163,12 +163,8 @@ class PrepareConfig:
         model = PRESETS[preset]()
         config = cls(
             preset=preset,
-            image=ImagePreprocessConfig(image_size=model.vision.img_size),
-            audio=AudioPreprocessConfig(
-                num_clips=model.audio_clips,
-                num_mel_bins=model.audio.num_mel_bins,
-                target_length=model.audio.target_length,
-            ),
+            image=ImagePreprocessConfig.for_model(model),
+            audio=AudioPreprocessConfig.for_model(model),
             features_model=None if features_model is None else str(Path(features_model).resolve()),
             device=device,
         )
@@ -195,7 +191,7 @@ class PrepareConfig:
         size, audio = self.image.image_size, self.audio
         shapes = {
             "pixel_values": [3, size, size],
-            "fbank": [audio.num_clips, 1, audio.num_mel_bins, audio.target_length],
+            "fbank": [audio.total_clips, 1, audio.num_mel_bins, audio.target_length],
         }
         if self.features_model is not None:
             model = read_model_config(self.features_model)
@@ -222,20 +218,15 @@ def read_model_config(model_dir: str | Path) -> BuboGPTConfig:
 def load_frozen_encoders(model_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     """(audio encoder, vision encoder) of a native model directory; the rest (LLM) is not loaded."""
     # Imported here: the model code (and transformers) is only needed with a features model.
-    from safetensors import safe_open
-
-    from bubogpt.checkpoints.common import assign_state_dict
-    from bubogpt.checkpoints.native import WEIGHTS_FILE
+    from bubogpt.checkpoints.native import WEIGHTS_FILE, load_weights
     from bubogpt.modeling_audio import ImageBindAudioEncoder
     from bubogpt.modeling_vision import EvaVisionEncoder
 
     config = read_model_config(model_dir)
     weights = Path(model_dir) / WEIGHTS_FILE
     audio, vision = ImageBindAudioEncoder(config.audio), EvaVisionEncoder(config.vision)
-    with safe_open(str(weights), framework="pt") as tensors:  # reads only the tensors asked for
-        for prefix, encoder in (("audio_encoder.", audio), ("vision_encoder.", vision)):
-            state = {key[len(prefix) :]: tensors.get_tensor(key) for key in tensors.keys() if key.startswith(prefix)}
-            assign_state_dict(encoder, state, f"{weights} ({prefix[:-1]})")  # strict: none missing
+    for prefix, encoder in (("audio_encoder.", audio), ("vision_encoder.", vision)):
+        load_weights(encoder, weights, prefix)  # reads only this encoder's tensors; strict: none missing
     return audio.to(device).eval().requires_grad_(False), vision.to(device).eval().requires_grad_(False)
 
 
@@ -861,7 +852,7 @@ def _manifest(
     return {
         "preset": config.preset,
         "image_size": config.image.image_size,
-        "audio": {"clips": audio.num_clips, "mel_bins": audio.num_mel_bins, "frames": audio.target_length},
+        "audio": {"clips": audio.total_clips, "mel_bins": audio.num_mel_bins, "frames": audio.target_length},
         "shapes": config.shapes(),
         "dtype": np.dtype(STORAGE_DTYPE).name,
         "features": config.features_model is not None,
