@@ -85,18 +85,13 @@ class RowEvent:
 
 def audio_preprocess_config(config: BuboGPTConfig, max_seconds: float) -> AudioPreprocessConfig:
     """The fbank layout the audio encoder was built for (as workflows/prepare.py derives it)."""
-    return AudioPreprocessConfig(
-        num_clips=config.audio_clips,
-        num_mel_bins=config.audio.num_mel_bins,
-        target_length=config.audio.target_length,
-        max_seconds=max_seconds,
-    )
+    return AudioPreprocessConfig.for_model(config, max_seconds=max_seconds)
 
 
 @torch.no_grad()
 def encode_image(model: BuboGPT, data: bytes, max_pixels: int) -> torch.Tensor:
     """Encoded image -> frozen vision tokens (1, 1 + patches, vision_width) on the CPU."""
-    pixels = image_transform(ImagePreprocessConfig(image_size=model.config.vision.img_size))(
+    pixels = image_transform(ImagePreprocessConfig.for_model(model.config))(
         decode_image(data, max_pixels=max_pixels)
     )  # (3, S, S)
     weight = next(model.vision_encoder.parameters())

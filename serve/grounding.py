@@ -34,10 +34,11 @@ class Grounder:
     answers, draw the annotated image. Entities and spans leave it as JSON-ready dicts."""
 
     def __init__(self, grounding_dir: str | None, device: torch.device):
-        from bubogpt.grounding.pipeline import TINY_ASSETS, load_tiny_grounding
+        from bubogpt.grounding.pipeline import load_grounding
 
-        # The deterministic matcher (RuleMatcher): no second LLM in the grounding replica.
-        self.pipeline = load_tiny_grounding(grounding_dir or TINY_ASSETS)
+        # The deterministic matcher (RuleMatcher): no second LLM in the grounding replica. The tiny
+        # assets (None), a tiny-layout folder, a `bubogpt convert-grounding` folder or the released files.
+        self.pipeline = load_grounding(grounding_dir)
         for module in (self.pipeline.tagger.model, self.pipeline.detector.model, self.pipeline.segmenter.sam):
             module.to(device)  # each component runs where its parameters are
 

@@ -40,7 +40,9 @@ class LLMDeployment:
         torch.set_num_threads(self.settings.torch_threads)
         dtype = DTYPES[self.settings.dtype]
         self.device = resolve_device(self.settings.device)
-        self.model = load_model(self.settings.local_model_dir(), dtype=dtype).to(device=self.device, dtype=dtype).eval()
+        # dtype "auto": the model's frozen_dtype on this device (bf16 LLM and encoders for 7b/13b on a GPU).
+        model = load_model(self.settings.local_model_dir(), dtype=dtype, device=self.device)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
         self.budget = PromptBudget(self.model.config, self.model.tokenizer)
         self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)
         self.worker = GenerationWorker(self.model, self.settings.llm_max_batch_size, self.settings.torch_threads)

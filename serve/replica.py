@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from ray import serve
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(setting: str) -> torch.device:

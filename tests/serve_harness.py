@@ -217,14 +217,9 @@ def reference_answer(model, turns, image=None, audio=None, max_new_tokens=12):
             conversation.add_assistant(text)
     pixels = fbank = None
     if image is not None:
-        pixels = image_transform(ImagePreprocessConfig(image_size=model.config.vision.img_size))(decode_image(image))[None]
+        pixels = image_transform(ImagePreprocessConfig.for_model(model.config))(decode_image(image))[None]
     if audio is not None:
-        config = AudioPreprocessConfig(
-            num_clips=model.config.audio_clips,
-            num_mel_bins=model.config.audio.num_mel_bins,
-            target_length=model.config.audio.target_length,
-        )
-        fbank = load_audio_fbank(audio, config)[None]
+        fbank = load_audio_fbank(audio, AudioPreprocessConfig.for_model(model.config))[None]
     prompt = conversation.render()
     with torch.no_grad():
         answer = model.generate([prompt], audio=fbank, image=pixels, max_new_tokens=max_new_tokens, do_sample=False)[0]

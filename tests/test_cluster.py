@@ -746,15 +746,20 @@ def test_grafana_dashboard_plots_every_application_series(rendered_monitoring):
 
 
 def parse_bubogpt(command: str):
-    """Parses a `bubogpt ...` command line with the real CLI parser; fails on any unknown option."""
-    from workflows.cli import build_parser
+    """Parses a `bubogpt ...` command line with the real CLI parser; fails on any unknown option.
+    Returns the command (and data subcommand) with every option of the job, defaults included."""
+    from types import SimpleNamespace
+
+    from workflows.cli import build_parser, parse
 
     argv = shlex.split(command)
     assert argv[0] == "bubogpt", command
     try:
-        return build_parser().parse_args(argv[1:])
+        raw = build_parser().parse_args(argv[1:])
+        _, options = parse(argv[1:])
     except SystemExit as exit_:  # argparse's way of refusing
         pytest.fail(f"`{command}` does not parse (exit {exit_.code})")
+    return SimpleNamespace(command=raw.command, data_command=getattr(raw, "data_command", None), **vars(options))
 
 
 def test_rayjobs(rendered, job_manifests):

@@ -96,7 +96,9 @@ def test_a_full_llm_queue_answers_503_with_retry_after(serve_app):
     burst = LLM_ONGOING + LLM_QUEUED + 16
 
     def ask(i):
-        return serve_app.post("/v1/chat", json={"message": f"Burst {i}.", "max_new_tokens": 48}, timeout=120)
+        # Long sampled answers (a hot temperature rarely ends early): the burst must outlast its arrival.
+        body = {"message": f"Burst {i}.", "max_new_tokens": 128, "temperature": 2.0}
+        return serve_app.post("/v1/chat", json=body, timeout=180)
 
     with concurrent.futures.ThreadPoolExecutor(burst) as pool:
         responses = list(pool.map(ask, range(burst)))

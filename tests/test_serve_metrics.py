@@ -87,11 +87,11 @@ def test_application_series_on_the_metrics_port(serve_app):
 def test_bubogpt_serve_metrics_port_starts_ray_with_that_port(port, monkeypatch):
     from serve.local import ray_init_options
     from serve.settings import SettingsError
-    from workflows.cli import build_parser
+    from workflows.cli import parse
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     argv = ["serve", "--model", "m"] + (["--metrics-port", str(port)] if port else [])
-    options = ray_init_options(build_parser().parse_args(argv).metrics_port)
+    options = ray_init_options(parse(argv)[1].metrics_port)
     if port is None:
         assert options is None  # `serve run` finds or starts Ray itself
         return

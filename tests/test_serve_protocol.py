@@ -10,8 +10,9 @@ import yaml
 
 from bubogpt.conversation import Conversation
 from serve.cache import LRUCache
-from serve.generation import (GenerationJob, GenerationWorker, Sampling, count_prompt_tokens, generate_batch,
-                              hold_back_stop_prefix, partial_answer, query_token_counts)
+from serve.generation import (GenerationJob, GenerationWorker, Sampling, WorkerStopped, count_prompt_tokens,
+                              generate_batch,
+                              partial_answer, query_token_counts)
 from serve.errors import APIError
 from serve.protocol import parse_chat, parse_completion, url_is_allowed
 from serve.settings import ServeSettings, SettingsError
@@ -43,8 +44,8 @@ def test_chat_puts_media_slots_in_the_first_user_turn_only():
     assert chat.image.data == b"\x89PNG..." and chat.audio.data == b"RIFF...."
     assert (chat.max_new_tokens, chat.temperature, chat.do_sample) == (8, 0.0, False)
     rendered = chat.conversation().render()
-    assert chat.conversation().modalities() == ["vision", "audio"]
-    assert rendered[-1].endswith("</Audio> what is it?###Assistant: a circle###Human: and now?###Assistant:")
+    assert chat.conversation().modalities() == ["audio", "vision"]  # audio first, as the original's prompts
+    assert rendered[-1].endswith("</Vision> what is it?###Assistant: a circle###Human: and now?###Assistant:")
 
 
 def test_openai_messages_map_to_turns_system_and_media():
@@ -279,9 +280,13 @@ def test_a_stopped_worker_finishes_its_call_fails_what_waits_and_is_not_alive(ti
     release.set()
     stopper.join(60)
     assert not worker.is_alive()
-    assert first[-1] is None and any(isinstance(e, list) and e[0] is not None and e[0].done for e in first)
-    assert isinstance(second[0], RuntimeError) and second[1:] == [None]
-    with pytest.raises(RuntimeError, match="stopped"):
+    # The running row ends after the current step: done, or failed with WorkerStopped; the
+    # waiting one fails; both then get the end of their stream.
+    assert first[-1] is None and (
+        isinstance(first[-2], WorkerStopped) or any(isinstance(e, list) and e[0] is not None and e[0].done for e in first)
+    )
+    assert isinstance(second[0], WorkerStopped) and second[1:] == [None]
+    with pytest.raises(RuntimeError, match="not running"):
         worker.submit([job("bye")], second.append)
 
 
@@ -313,7 +318,7 @@ def test_stop_strings_cut_each_row_and_the_stream_never_shows_them(tiny_model):
     generate_batch(tiny_model, jobs, lambda step: [events[i].append(e) for i, e in enumerate(step) if e is not None])
     for answer, stop, row_events in zip(alone, stops, events):
         final = row_events[-1]
-        expected = answer[: answer.index(stop[0])] if stop else answer
+        expected = answer[: answer.index(stop[0])].rstrip() if stop else answer  # answers are stripped
         assert final.done and final.text == expected
         assert "".join(e.delta for e in row_events) == expected
         if stop:
@@ -337,7 +342,7 @@ def test_a_seeded_sampled_row_runs_alone_and_repeats_its_sample(tiny_model):
     (alone,), _ = answers([job("hello there", seed=5)])
     (_, crowded, _), sizes = answers([job("hi"), job("hello there", seed=5), job("bye")])
     assert crowded == alone
-    assert sorted(sizes) == [1, 2]  # the seeded row was a generate call of its own
+    assert sorted(rows for rows, _ in sizes) == [1, 2]  # the seeded row was a generate call of its own
     others = {answers([job("hello there", seed=s)])[0][0] for s in (1, 2, 3)}
     assert len(others | {alone}) >= 2, "every seed sampled the same answer"
 
@@ -348,8 +353,8 @@ def test_partial_answer_holds_back_what_may_still_change():
     assert partial_answer(" Assis", "###") == ""  # maybe a repeated role tag, which is dropped
     assert partial_answer(" Assistant: a", "###") == "a"
     assert partial_answer(" caf\ufffd", "###") == "caf"  # an incomplete UTF-8 character
-    assert hold_back_stop_prefix("The red cir", ("circle", "blue")) == "The red "  # maybe "circle"
-    assert hold_back_stop_prefix("The red circus", ("circle",)) == "The red circus"
+    assert partial_answer(" The red cir", "###", ("circle", "blue")) == "The red"  # maybe "circle"
+    assert partial_answer(" The red circus", "###", ("circle",)) == "The red circus"
 
 
 # -- config and CLI --------------------------------------------------------------------------------
