@@ -90,26 +90,59 @@ def test_llm_and_grounding_run_concurrently(serve_app):
     assert statistics.median(c for c, _ in rows) < statistics.median(t["llm_ms"] + t["grounding_ms"] for _, t in rows)
 
 
+def long_seeded_request(serve_app) -> dict:
+    """A /v1/chat body whose answer alone runs to max_new_tokens (finish "length"): a sampled
+    request with a fixed seed, so every copy of it is the same long answer, whatever it is batched
+    with, and the burst's work is known (copies x 300 decode rows). The tuned tiny model ends most
+    answers within a few tokens, even at temperature 2; a prompt of "#" runs are off its training
+    and are continued at length."""
+    tried = []
+    for message in ("##### " * 50, "Tell me a very long story, " * 10):
+        for seed in range(5):
+            body = {"message": message, "max_new_tokens": 300, "temperature": 2.0, "top_p": 1.0, "seed": seed}
+            answer = serve_app.chat(**body)
+            if answer["finish_reason"] == "length":
+                return body
+            tried.append((message[:12], seed, answer["usage"]["completion_tokens"]))
+    raise AssertionError(f"no request tried ran to 300 tokens (message, seed, tokens): {tried}")
+
+
 def test_a_full_llm_queue_answers_503_with_retry_after(serve_app):
     """More concurrent requests than the LLM deployment runs + queues: the surplus is refused at
-    once with 503 + Retry-After (not queued without bound, not a 500), the rest are answered."""
-    burst = LLM_ONGOING + LLM_QUEUED + 16
+    once with 503 + Retry-After (not queued without bound, not a 500), the rest are answered.
 
-    def ask(i):
-        # Long sampled answers (a hot temperature rarely ends early): the burst must outlast its arrival.
-        body = {"message": f"Burst {i}.", "max_new_tokens": 128, "temperature": 2.0}
-        return serve_app.post("/v1/chat", json=body, timeout=180)
+    The burst must overflow however fast the replica decodes: twice what the LLM deployment holds
+    (LLM_ONGOING + LLM_QUEUED; the ingress holds them all), sent at once (a barrier, one connection
+    each), every request one whose answer runs to 300 tokens (so the first LLM_ONGOING cannot finish
+    while the rest arrive)."""
+    body = long_seeded_request(serve_app)
+    burst = 2 * (LLM_ONGOING + LLM_QUEUED)
+    barrier = threading.Barrier(burst)
+
+    def ask(_):
+        session = requests.Session()
+        session.get(serve_app.url + "/healthz", timeout=60)  # connected before the barrier
+        barrier.wait(timeout=120)
+        start = time.monotonic()
+        response = session.post(serve_app.url + "/v1/chat", headers=serve_app.headers, json=body, timeout=180)
+        return response, time.monotonic() - start
 
     with concurrent.futures.ThreadPoolExecutor(burst) as pool:
-        responses = list(pool.map(ask, range(burst)))
+        answers = list(pool.map(ask, range(burst)))
+    responses = [response for response, _ in answers]
     statuses = Counter(r.status_code for r in responses)
-    print(f"\nburst of {burst}: {dict(statuses)}")
-    assert set(statuses) <= {200, 503}
-    assert statuses[503] >= 1 and statuses[200] >= LLM_ONGOING
+    refused_s = [seconds for response, seconds in answers if response.status_code == 503]
+    answered_s = [seconds for response, seconds in answers if response.status_code == 200]
+    print(f"\nburst of {burst}: {dict(statuses)}; 503s within {max(refused_s, default=0):.2f} s, "
+          f"200s after {min(answered_s, default=0):.2f}..{max(answered_s, default=0):.2f} s")  # fmt: skip
+    assert set(statuses) <= {200, 503}, dict(statuses)
+    assert statuses[503] >= 1 and statuses[200] >= LLM_ONGOING, dict(statuses)
     for response in responses:
         if response.status_code == 503:
             assert int(response.headers["retry-after"]) >= 1
             assert "LLM deployment is at capacity" in error_message(response)
+        else:
+            assert response.json()["usage"]["completion_tokens"] == body["max_new_tokens"]
     assert serve_app.chat(message="And now?", max_new_tokens=4)["usage"]["completion_tokens"] >= 1
 
 
