@@ -146,7 +146,7 @@ def replica_stats(replicas: int | None = None, tries: int = 60) -> dict[str, dic
 
     if replicas is None:
         states = serve.status().applications[APP_NAME].deployments["LLM"].replica_states
-        replicas = max(1, sum(n for state, n in states.items() if str(state.value) == "RUNNING"))
+        replicas = max(1, sum(n for state, n in states.items() if state == "RUNNING"))  # a str enum, or a str
     handle = serve.get_deployment_handle("LLM", app_name=APP_NAME)
     found: dict[str, dict] = {}
     for _ in range(tries):

@@ -29,7 +29,8 @@ def llm_replicas() -> Counter:
     """The LLM deployment's replicas by state (RUNNING, STARTING, STOPPING, ...), from the controller."""
     from ray import serve
 
-    return Counter({str(state.value): n for state, n in
+    # Keys are ReplicaState (a str enum) or, as Ray 2.60's serve.status() returns them, plain str.
+    return Counter({getattr(state, "value", state): n for state, n in
                     serve.status().applications[APP].deployments["LLM"].replica_states.items()})  # fmt: skip
 
 

@@ -94,10 +94,10 @@ def long_seeded_request(serve_app) -> dict:
     """A /v1/chat body whose answer alone runs to max_new_tokens (finish "length"): a sampled
     request with a fixed seed, so every copy of it is the same long answer, whatever it is batched
     with, and the burst's work is known (copies x 300 decode rows). The tuned tiny model ends most
-    answers within a few tokens, even at temperature 2; a prompt of "#" runs are off its training
-    and are continued at length."""
+    answers within a few tokens, even at temperature 2; a prompt of "## " runs is off its training
+    and is continued at length (not "###": the ingress refuses the prompt separator in a message)."""
     tried = []
-    for message in ("##### " * 50, "Tell me a very long story, " * 10):
+    for message in ("## " * 75, "# " * 150):
         for seed in range(5):
             body = {"message": message, "max_new_tokens": 300, "temperature": 2.0, "top_p": 1.0, "seed": seed}
             answer = serve_app.chat(**body)
