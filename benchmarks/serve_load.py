@@ -61,7 +61,8 @@ def synthetic_media(seed: int) -> tuple[str, str]:
 
 
 def payloads(max_new_tokens: int) -> list[dict]:
-    """16 requests: text, image and image + audio, 4 images (so the caches also see hits); greedy."""
+    """16 requests: 8 with an image, 4 with a sound, 4 text only; 4 images and sounds in all (so
+    the caches also see hits); greedy."""
     media = [synthetic_media(seed) for seed in range(4)]
     mix = []
     for i in range(16):

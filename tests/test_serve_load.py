@@ -91,20 +91,20 @@ def test_llm_and_grounding_run_concurrently(serve_app):
 
 
 def long_seeded_request(serve_app) -> dict:
-    """A /v1/chat body whose answer alone runs to max_new_tokens (finish "length"): a sampled
-    request with a fixed seed, so every copy of it is the same long answer, whatever it is batched
-    with, and the burst's work is known (copies x 300 decode rows). The tuned tiny model ends most
+    """A /v1/chat body whose answer alone runs to the application's max_new_tokens (finish "length"):
+    a sampled request with a fixed seed, so every copy of it is the same long answer, whatever it is
+    batched with, and the burst's work is known (copies x max_new_tokens decode rows). The tuned tiny model ends most
     answers within a few tokens, even at temperature 2; a prompt of "## " runs is off its training
     and is continued at length (not "###": the ingress refuses the prompt separator in a message)."""
-    tried = []
+    tried, longest = [], serve_app.settings["max_new_tokens"]
     for message in ("## " * 75, "# " * 150):
         for seed in range(5):
-            body = {"message": message, "max_new_tokens": 300, "temperature": 2.0, "top_p": 1.0, "seed": seed}
+            body = {"message": message, "max_new_tokens": longest, "temperature": 2.0, "top_p": 1.0, "seed": seed}
             answer = serve_app.chat(**body)
             if answer["finish_reason"] == "length":
                 return body
             tried.append((message[:12], seed, answer["usage"]["completion_tokens"]))
-    raise AssertionError(f"no request tried ran to 300 tokens (message, seed, tokens): {tried}")
+    raise AssertionError(f"no request tried ran to {longest} tokens (message, seed, tokens): {tried}")
 
 
 def test_a_full_llm_queue_answers_503_with_retry_after(serve_app):
@@ -113,8 +113,8 @@ def test_a_full_llm_queue_answers_503_with_retry_after(serve_app):
 
     The burst must overflow however fast the replica decodes: twice what the LLM deployment holds
     (LLM_ONGOING + LLM_QUEUED; the ingress holds them all), sent at once (a barrier, one connection
-    each), every request one whose answer runs to 300 tokens (so the first LLM_ONGOING cannot finish
-    while the rest arrive)."""
+    each), every request one whose answer runs to max_new_tokens (so the first LLM_ONGOING cannot
+    finish while the rest arrive)."""
     body = long_seeded_request(serve_app)
     burst = 2 * (LLM_ONGOING + LLM_QUEUED)
     barrier = threading.Barrier(burst)
