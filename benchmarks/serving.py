@@ -35,6 +35,7 @@ import http.server
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -48,7 +49,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_load import start_local, synthetic_media  # noqa: E402
+from benchmarks.serve_load import free_port, machine, replica_stats, rows_per_step, start_local, synthetic_media  # noqa: E402
 from serve.loadgen import LoadReport, run_load  # noqa: E402
 
 BASELINE, SESSION, SERVE = "baseline", "baseline+session", "Serve"  # the systems compared
@@ -308,16 +309,6 @@ def warm_up(url: str, max_new_tokens: int) -> list[dict]:
     return answers
 
 
-def measure(system: str, url: str, levels: list[int], seconds: float, max_new_tokens: int) -> list[dict]:
-    rows = []
-    for clients in levels:
-        report = run_load(url, RequestMix(f"level{clients}", clients, max_new_tokens), clients, seconds)
-        rows.append(row(system, report))
-        print(f"  {system:<16} {clients:>2} clients: {rows[-1]['requests']} ok, {rows[-1]['throughput']:.2f} req/s, "
-              f"p50 {rows[-1]['p50_ms']:.0f} ms, p95 {rows[-1]['p95_ms']:.0f} ms", flush=True)  # fmt: skip
-    return rows
-
-
 def row(system: str, report: LoadReport) -> dict:
     errors = sum(n for status, n in report.statuses.items() if status != 200) + len(report.failures)
     return {"system": system, "clients": report.clients, "requests": report.ok, "errors": errors,
@@ -325,45 +316,89 @@ def row(system: str, report: LoadReport) -> dict:
             "p50_ms": report.percentile(50), "p95_ms": report.percentile(95)}  # fmt: skip
 
 
-def ratios(ours: dict, base: dict | None) -> list[str]:
-    """[throughput ratio, p50 ratio] of `ours` over `base`."""
-    if base is None:
-        return ["", ""]
-    return [f"{ours['throughput'] / base['throughput']:.2f}x", f"{ours['p50_ms'] / base['p50_ms']:.2f}x"]
+class RayCPU:
+    """CPU seconds used by the local Ray this process started (its child processes, the reference
+    servers excepted): what Ray costs while it idles beside a baseline's measurement."""
+
+    def __init__(self, exclude: set[int]):
+        import psutil
+
+        self.me, self.exclude = psutil.Process(), exclude
+
+    def seconds(self) -> float:
+        import psutil
+
+        total = 0.0
+        for child in self.me.children(recursive=True):
+            try:
+                if child.pid in self.exclude or child.parent().pid in self.exclude:
+                    continue
+                times = child.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # ended meanwhile
+                pass
+        return total
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    """One row per system and client count; ratios against the baseline and the session baseline."""
-    lines = [
-        "| system | clients | requests | errors | throughput (req/s) | p50 (ms) | p95 (ms) | throughput "
-        "vs baseline | p50 vs baseline | throughput vs session baseline | p50 vs session baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    baseline, session = results[BASELINE], results.get(SESSION)
-    for i, base in enumerate(baseline):
-        for name, rows in results.items():
-            r = rows[i]
-            cells = ratios(r, None if name == BASELINE else base)
-            cells += ratios(r, session[i] if session and name == SERVE else None)
-            lines.append(f"| {name} | {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput']:.2f} "
-                         f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | " + " | ".join(cells) + " |")  # fmt: skip
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(stat: dict, digits: int = 0, suffix: str = "") -> str:
+    """median (min-max)"""
+    return f"{stat['median']:.{digits}f}{suffix} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per client count and system: median and range over the repeats of throughput, p50 and p95;
+    Serve's ratios to each baseline taken within a repeat (same minute, same machine state)."""
+    summary: dict = {}
+    for clients in sorted({r["clients"] for r in runs}):
+        level = [r for r in runs if r["clients"] == clients]
+        by_system: dict = {}
+        for system in dict.fromkeys(r["system"] for r in level):
+            rows = [r for r in level if r["system"] == system]
+            by_system[system] = {key: spread([r[key] for r in rows]) for key in ("throughput", "p50_ms", "p95_ms")}
+            if system == SERVE:
+                by_system[system]["rows_per_step"] = spread([r["rows_per_step"] for r in rows])
+            else:
+                by_system[system]["ray_idle_cpu_share"] = spread([r["ray_cpu_share"] for r in rows])
+        serve_rows = {r["repeat"]: r for r in level if r["system"] == SERVE}
+        for base in (SESSION, BASELINE):
+            pairs = [(serve_rows[r["repeat"]], r) for r in level if r["system"] == base and r["repeat"] in serve_rows]
+            if pairs:
+                by_system[base]["serve_throughput_ratio"] = spread([s["throughput"] / b["throughput"] for s, b in pairs])
+                by_system[base]["serve_p50_ratio"] = spread([s["p50_ms"] / b["p50_ms"] for s, b in pairs])
+        summary[clients] = by_system
+    return summary
+
+
+def table(summary: dict) -> str:
+    """One row per client count and system, the session baseline first: median (min-max) of the repeats."""
+    lines = ["| clients | system | throughput (req/s) | p50 (ms) | p95 (ms) | Serve throughput / this | "
+             "Serve p50 / this | LLM rows per decode step |",
+             "|---:|---|---|---|---|---|---|---|"]  # fmt: skip
+    for clients, systems in summary.items():
+        for system, stats in systems.items():
+            ratio = [fmt(stats[k], 2, "x") if k in stats else "" for k in ("serve_throughput_ratio", "serve_p50_ratio")]
+            rows = fmt(stats["rows_per_step"], 2) if "rows_per_step" in stats else ""
+            lines.append(f"| {clients} | {system} | {fmt(stats['throughput'], 2)} | {fmt(stats['p50_ms'])} | "
+                         f"{fmt(stats['p95_ms'])} | {ratio[0]} | {ratio[1]} | {rows} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def checks(results: dict[str, list[dict]]) -> list[str]:
-    """The issue's two targets (against its baseline), where this run measured their client counts."""
-    by_clients = {b["clients"]: (b, s) for b, s in zip(results[BASELINE], results[SERVE])}
+def checks(summary: dict) -> list[str]:
+    """The targets, against the session baseline (the headline) and, second, the stateless one."""
     lines = []
-    if 16 in by_clients:
-        b, s = by_clients[16]
-        ratio = s["throughput"] / b["throughput"]
-        verdict = "met" if ratio >= 3 else "NOT met"
-        lines.append(f"16 clients: Serve throughput {ratio:.2f}x the baseline's (target >= 3x): {verdict}")
-    if 1 in by_clients:
-        b, s = by_clients[1]
-        ratio = s["p50_ms"] / b["p50_ms"]
-        verdict = "met" if ratio <= 1.2 else "NOT met"
-        lines.append(f"1 client: Serve p50 latency {ratio:.2f}x the baseline's (target <= 1.2x): {verdict}")
+    for base in (SESSION, BASELINE):
+        if 16 in summary and base in summary[16]:
+            ratio = summary[16][base]["serve_throughput_ratio"]
+            verdict = "met" if ratio["median"] >= 3 else "NOT met"
+            lines.append(f"16 clients: Serve throughput {fmt(ratio, 2, 'x')} the {base}'s (target >= 3x): {verdict}")
+        if 1 in summary and base in summary[1]:
+            ratio = summary[1][base]["serve_p50_ratio"]
+            verdict = "met" if ratio["median"] <= 1.2 else "NOT met"
+            lines.append(f"1 client: Serve p50 latency {fmt(ratio, 2, 'x')} the {base}'s (target <= 1.2x): {verdict}")
     return lines
 
 
@@ -402,67 +437,90 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-grounding", action="store_true",
                         help="tests/serve_harness.py's grounding weights (random ones until the tiny ones ship)")
     parser.add_argument("--clients", default="1,4,16", help="client counts, comma-separated")
-    parser.add_argument("--seconds", type=float, default=30.0, help="per client count and system")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per client count, system and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every level and system (median and range)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--reference-threads", type=int, default=0,
-                        help="torch threads of the reference-style server (0: torch's default for the machine)")
-    parser.add_argument("--no-session-baseline", dest="session_baseline", action="store_false",
-                        help="skip the baseline that keeps each chat's encodings and grounding (the demo's state)")
-    parser.add_argument("--quick", action="store_true", help="smoke: 5 s per level, 1 and 4 clients")
-    parser.add_argument("--port", type=int, default=8013, help="Serve's port; the reference-style server uses +1")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+                        help="torch threads of the reference-style servers (0: torch's default for the machine)")
+    parser.add_argument("--quick", action="store_true", help="smoke: 5 s per level, 1 and 4 clients, 1 repeat")
+    parser.add_argument("--port", type=int, default=0, help="Serve's port (default: a free one; the reference-style "
+                        "servers always take free ones)")
+    parser.add_argument("--json", type=Path, help="also write the runs and the summary here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.clients = 5.0, "1,4"
+        args.seconds, args.clients, args.repeats = 5.0, "1,4", 1
     levels = [int(c) for c in args.clients.split(",")]
+    command = "python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_start, started = os.getloadavg(), datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     model_dir, grounding_dir, weights = resolve_weights(args, workdir)
     print(f"weights: {weights}\nmix: {describe_mix()}\nmax_new_tokens {args.max_new_tokens}, greedy; "
-          f"{args.seconds:g} s per level\n", flush=True)  # fmt: skip
+          f"{args.seconds:g} s per level, {args.repeats} repeats; load average at start {load_start}\n", flush=True)
 
-    # The baselines first, alone on the machine; then Ray and the application.
-    results: dict[str, list[dict]] = {}
-    answers: dict[str, list[dict]] = {}
-    for name, session_state in ((BASELINE, False), (SESSION, True)):
-        if name == SESSION and not args.session_baseline:
-            continue
-        process, url, health = start_reference(
-            model_dir, grounding_dir, session_state, args.port + 1, args.reference_threads
+    # All three servers stay up; each measurement runs one system while the others idle, and every
+    # repeat measures every level of every system, so the ratios compare minutes next to each other.
+    urls, processes = {}, []
+    for name, session_state in ((SESSION, True), (BASELINE, False)):
+        process, urls[name], health = start_reference(
+            model_dir, grounding_dir, session_state, free_port(), args.reference_threads
         )
-        print(f"{name} server up ({health['torch_threads']} torch threads); warming up", flush=True)
-        answers[name] = warm_up(url, args.max_new_tokens)
-        results[name] = measure(name, url, levels, args.seconds, args.max_new_tokens)
-        process.terminate()
-        process.join()
-
+        processes.append(process)
+        print(f"{name} server up ({health['torch_threads']} torch threads)", flush=True)
     os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")  # the replicas' request logs would bury the table
-    url = start_local(model_dir, grounding_dir, args.port)
-    print("Serve application up; warming up", flush=True)
-    answers[SERVE] = warm_up(url, args.max_new_tokens)
-    results[SERVE] = measure(SERVE, url, levels, args.seconds, args.max_new_tokens)
-    metrics = requests.get(url + "/v1/metrics", timeout=30).json()
+    urls[SERVE] = start_local(model_dir, grounding_dir, args.port)
+    print("Serve application up; warming up every system", flush=True)
+    answers = {name: warm_up(url, args.max_new_tokens) for name, url in urls.items()}
+    ray_cpu = RayCPU({p.pid for p in processes})
 
-    same = {name: sum(a == b for a, b in zip(answers[BASELINE], got)) for name, got in answers.items()}
-    print(f"\n{weights}\nmix: {describe_mix()}; max_new_tokens {args.max_new_tokens}, greedy; "
-          f"{args.seconds:g} s per system and client count; baseline torch threads {health['torch_threads']}\n")
-    print(table(results))
+    runs = []
+    for repeat in range(args.repeats):
+        for clients in levels:
+            for name, url in urls.items():
+                mix = RequestMix(f"run{repeat}/level{clients}", clients, args.max_new_tokens)  # new media
+                before, cpu_before, t0 = replica_stats() if name == SERVE else None, ray_cpu.seconds(), time.monotonic()
+                result = row(name, run_load(url, mix, clients, args.seconds))
+                if name == SERVE:
+                    result["rows_per_step"] = rows_per_step(before, replica_stats())
+                else:
+                    result["ray_cpu_share"] = (ray_cpu.seconds() - cpu_before) / (time.monotonic() - t0) / os.cpu_count()
+                runs.append({"repeat": repeat, **result})
+                extra = (f"rows per decode step {result['rows_per_step']:.2f}" if name == SERVE
+                         else f"idle Ray used {result['ray_cpu_share']:.1%} of the CPUs")  # fmt: skip
+                print(f"  run {repeat} {name:<16} {clients:>2} clients: {result['requests']} ok, {result['errors']} errors, "
+                      f"{result['throughput']:.2f} req/s, p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms; "
+                      f"{extra}", flush=True)  # fmt: skip
+    metrics = requests.get(urls[SERVE] + "/v1/metrics", timeout=30).json()
+    load_end = os.getloadavg()
+
+    summary = summarise(runs)
+    same = {name: sum(a == b for a, b in zip(answers[SESSION], got)) for name, got in answers.items()}
+    print(f"\n{weights}\nmix: {describe_mix()}; max_new_tokens {args.max_new_tokens}, greedy; {args.seconds:g} s per "
+          f"system, client count and repeat; median (min-max) of {args.repeats} repeats\n")  # fmt: skip
+    print(table(summary))
     print()
-    for line in checks(results):
+    for line in checks(summary):
         print(line)
-    print("warm-up answers (text, entity and span counts) equal to the baseline's: "
-          + ", ".join(f"{name} {n}/{len(TURNS)}" for name, n in same.items() if name != BASELINE))
+    print("warm-up answers (text, entity and span counts) equal to the session baseline's: "
+          + ", ".join(f"{name} {n}/{len(TURNS)}" for name, n in same.items() if name != SESSION))
+    errors = sum(r["errors"] for r in runs)
+    print(f"errors (non-200 or no answer) over all runs: {errors}")
     llm, grounding = metrics["llm"], metrics["grounding"]
-    print(f"Serve (one replica each, as sampled): LLM mean rows per generate() {llm['mean_batch_size']:.2f}, "
-          f"encoder cache {llm['encoder_cache']}, grounding cache {grounding['cache']}")  # fmt: skip
-    print("\nreproduce: python benchmarks/serving.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"Serve (one replica each, as sampled): encoder cache {llm['encoder_cache']}, grounding cache {grounding['cache']}")
+    print(f"load average (1, 5, 15 min) at start {load_start}, at end {load_end}")
+    print(f"\nreproduce: {command}")
     if args.json:
         args.json.write_text(json.dumps({
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "weights": weights,
-            "max_new_tokens": args.max_new_tokens, "seconds": args.seconds, "mix": describe_mix(),
-            "results": results, "checks": checks(results), "answers_equal": same, "serve_metrics": metrics,
+            "date": started, "command": command, "machine": machine(), "load_average_start": load_start,
+            "load_average_end": load_end, "weights": weights, "max_new_tokens": args.max_new_tokens,
+            "seconds": args.seconds, "repeats": args.repeats, "mix": describe_mix(), "runs": runs,
+            "summary": summary, "checks": checks(summary), "answers_equal_to_session_baseline": same,
+            "serve_metrics": metrics,
         }, indent=2))  # fmt: skip
 
+    for process in processes:
+        process.terminate()
+        process.join()
     import ray
     from ray import serve as ray_serve
 

@@ -106,7 +106,7 @@ class ChatIngress:
         self.grounding = grounding
         self.settings = ServeSettings.from_dict(settings)
         self.token = self.settings.bearer_token()
-        self.budget = PromptBudget.of_model_dir(self.settings.model_dir)
+        self.budget = PromptBudget.of_model_dir(self.settings.local_model_dir(weights=False))
         self.model_name = self.settings.model_name or f"bubogpt-{self.budget.config.preset}"
         self.valid_media = LRUCache(1024)  # sha256 of media that decoded within the limits
 

@@ -41,7 +41,7 @@ class LLMDeployment:
         dtype = DTYPES[self.settings.dtype]
         self.device = resolve_device(self.settings.device)
         # dtype "auto": the model's frozen_dtype on this device (bf16 LLM and encoders for 7b/13b on a GPU).
-        model = load_model(self.settings.model_dir, dtype=dtype, device=self.device)
+        model = load_model(self.settings.local_model_dir(), dtype=dtype, device=self.device)
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.budget = PromptBudget(self.model.config, self.model.tokenizer)
         self.encoder_cache = LRUCache(self.settings.encoder_cache_entries)

@@ -23,6 +23,7 @@ class LoadReport:
     failures: list[str] = field(default_factory=list)  # no HTTP answer at all (timeout, reset)
     latencies_ms: list[float] = field(default_factory=list)  # successful requests
     batch_sizes: list[int] = field(default_factory=list)  # `generation_batch_size` of successes
+    answers: list[tuple[int, str]] = field(default_factory=list)  # (payload index, `answer`) of successes
 
     @property
     def ok(self) -> int:
@@ -64,8 +65,11 @@ def run_load(
     api_key: str | None = None,
     timeout_s: float = 120.0,
     path: str = "/v1/chat",
+    stop: threading.Event | None = None,
 ) -> LoadReport:
-    """POST `payloads` (JSON bodies, cycled) to url + path from `clients` threads for `seconds`."""
+    """POST `payloads` (JSON bodies, cycled) to url + path from `clients` threads for `seconds`, or
+    until `stop` is set (each client finishes its request in flight)."""
+    stop = stop or threading.Event()
     report = LoadReport(clients, seconds)
     lock = threading.Lock()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -74,8 +78,9 @@ def run_load(
     def client(index: int) -> None:
         session = requests.Session()
         n = index
-        while time.monotonic() < deadline:
-            payload = payloads[n % len(payloads)]
+        while time.monotonic() < deadline and not stop.is_set():
+            which = n % len(payloads)
+            payload = payloads[which]
             n += clients
             start = time.perf_counter()
             try:
@@ -85,11 +90,13 @@ def run_load(
                     report.failures.append(f"{type(err).__name__}: {err}")
                 continue
             latency = (time.perf_counter() - start) * 1000
+            body = response.json() if response.status_code == 200 else {}
             with lock:
                 report.statuses[response.status_code] += 1
                 if response.status_code == 200:
                     report.latencies_ms.append(latency)
-                    report.batch_sizes.append(response.json().get("generation_batch_size", 0))
+                    report.batch_sizes.append(body.get("generation_batch_size", 0))
+                    report.answers.append((which, body.get("answer")))
             if response.status_code == 503:
                 time.sleep(float(response.headers.get("retry-after", 1)))
 

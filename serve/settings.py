@@ -19,7 +19,12 @@ class SettingsError(ValueError):
 @dataclass
 class ServeSettings:
     # -- what to load --------------------------------------------------------------------------
-    model_dir: str  # a directory written by `bubogpt.checkpoints.native.save_model`
+    # a directory written by `bubogpt.checkpoints.native.save_model`, or a registry model:
+    # models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest (serve/registry.py)
+    model_dir: str
+    tracking_uri: str | None = None  # the registry of a models:/ model_dir; None = $MLFLOW_TRACKING_URI
+    model_cache_dir: str | None = None  # where replicas download registry models; None = $BUBOGPT_MODEL_CACHE,
+    #                                     else ~/.cache/bubogpt/models (per node)
     grounding_dir: str | None = None  # grounding models; None = the tiny assets shipped in bubogpt/assets
     model_name: str | None = None  # the id `/v1/models` reports; None = "bubogpt-<preset>"
     device: str = "auto"  # "auto" (cuda when a GPU is assigned), "cpu" or "cuda"
@@ -53,7 +58,11 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         if not self.model_dir:
-            raise SettingsError("model_dir is required: a directory written by save_model")
+            raise SettingsError("model_dir is required: a directory written by save_model, or models:/NAME@ALIAS")
+        from serve.registry import ModelURI, is_registry_uri
+
+        if is_registry_uri(self.model_dir):
+            ModelURI.parse(self.model_dir)  # its syntax; whether it exists is asked when a replica starts
         positive = (
             "max_body_bytes", "max_image_pixels", "max_audio_seconds", "max_prompt_tokens",
             "max_new_tokens", "default_max_new_tokens", "max_messages", "request_timeout_s",
@@ -87,6 +96,15 @@ class ServeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def local_model_dir(self, weights: bool = True) -> str:
+        """`model_dir` on this node: itself, or a registry model downloaded into the node's cache
+        (once; `weights=False`: config and tokenizer only, what the ingress reads)."""
+        from serve.registry import fetch, is_registry_uri
+
+        if not is_registry_uri(self.model_dir):
+            return self.model_dir
+        return str(fetch(self.model_dir, self.tracking_uri, self.model_cache_dir, weights)[1])
 
     def bearer_token(self) -> str | None:
         """The token clients must send, from `api_key` or the variable `api_key_env` names."""

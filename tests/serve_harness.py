@@ -379,6 +379,21 @@ def start_app(workdir: Path, model_dir: Path | None = None) -> tuple[RunningApp,
     return app, stop
 
 
+def deploy_beside(serve_app: RunningApp, name: str, settings, options: dict[str, dict]) -> tuple[RunningApp, callable]:
+    """Another application on the session's Serve, beside `serve_app` (same proxy and port), under the
+    route prefix /NAME: tests that change deployment options or the model leave `serve_app` alone.
+    Returns it and a function that deletes it."""
+    from ray import serve
+
+    from serve.app import compose
+
+    serve.run(compose(settings, options), name=name, route_prefix=f"/{name}", blocking=False)
+    app = dataclasses.replace(serve_app, url=f"{serve_app.url}/{name}", model_dir=Path(settings.model_dir),
+                              settings=settings.to_dict(), http=requests.Session())  # fmt: skip
+    wait_until_healthy(app, timeout_s=240)
+    return app, lambda: serve.delete(name)
+
+
 def wait_until_healthy(app: RunningApp, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = None

@@ -594,8 +594,14 @@ def test_gpu_overlay_deploys_the_gpu_config_on_gpu_pods(rendered, rendered_gpu):
     groups = check_ray_cluster_spec("RayService.rayClusterConfig", service["spec"]["rayClusterConfig"])
     gpu_groups = [g for g in groups.values() if group_gpus(g) > 0]
     for group in gpu_groups:
-        mounts = {m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
-        assert any(app["args"]["model_dir"].startswith(m.rstrip("/") + "/") for m in mounts), (app["args"], mounts)
+        for container in group["template"]["spec"]["containers"]:
+            mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+            if app["args"]["model_dir"].startswith("models:/"):  # replicas download it (serve/registry.py)
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert env.get("MLFLOW_TRACKING_URI") and env.get("BUBOGPT_MODEL_CACHE") in mounts, env
+                assert not mounts[env["BUBOGPT_MODEL_CACHE"]].get("readOnly"), "the model cache must be writable"
+            else:  # a path on a volume every pod mounts
+                assert any(app["args"]["model_dir"].startswith(m.rstrip("/") + "/") for m in mounts), mounts
     needed = sum(d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"].get("num_gpus", 0)
                  for d in app["deployments"])  # fmt: skip
     available = sum(group_gpus(g) * g["maxReplicas"] for g in gpu_groups)

@@ -70,7 +70,8 @@ def serve(options: ServeOptions) -> int:
 
     check_reachable()  # `serve run` would retry a dead address for ever
     return run_local(options.model, port=options.port, host=options.host, api_key_env=options.api_key_env,
-                     metrics_port=options.metrics_port)
+                     metrics_port=options.metrics_port, tracking_uri=options.tracking_uri,
+                     model_cache_dir=options.model_cache)  # fmt: skip
 
 
 def ground(options: GroundOptions) -> int:
@@ -178,11 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_ = command(commands, "serve", serve, ServeOptions,
                      help="run the Ray Serve application (serve/config.yaml) for a model directory")  # fmt: skip
-    serve_.add_argument("--model", type=Path, required=True, help="a model directory (save_model / training output)")
+    serve_.add_argument("--model", required=True,
+                        help="a model directory (save_model / training output) or models:/NAME@ALIAS, models:/NAME/VERSION")
     serve_.add_argument("--port", type=int, help=f"default {ServeOptions.port}")
     serve_.add_argument("--host", help="listen address (default: loopback only)")
     serve_.add_argument("--api-key-env", help="environment variable holding the bearer token to require")
     serve_.add_argument("--metrics-port", type=int, help="Ray's metrics export port: Prometheus metrics at http://HOST:PORT/metrics")
+    serve_.add_argument("--tracking-uri", help="the MLflow registry of a models:/ model (default: $MLFLOW_TRACKING_URI)")
+    serve_.add_argument("--model-cache", type=Path,
+                        help="registry models' download cache (default: $BUBOGPT_MODEL_CACHE, else ~/.cache/bubogpt/models)")
 
     from workflows import convert
 

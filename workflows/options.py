@@ -65,11 +65,13 @@ class EvalOptions:
 
 @dataclass
 class ServeOptions:
-    model: Path
+    model: str  # a model directory, or a registry model: models:/NAME@ALIAS, models:/NAME/VERSION (serve/registry.py)
     port: int = 8000
     host: str = "127.0.0.1"
     api_key_env: str | None = None
     metrics_port: int | None = None  # Ray's metrics export port: Prometheus series at http://HOST:PORT/metrics
+    tracking_uri: str | None = None  # the registry of a models:/ model; None = $MLFLOW_TRACKING_URI
+    model_cache: Path | None = None  # registry downloads; None = $BUBOGPT_MODEL_CACHE, else ~/.cache/bubogpt/models
 
 
 @dataclass
