@@ -25,11 +25,14 @@ import numpy as np
 import torch
 
 from bubogpt.conversation import instruction_prompt
-from bubogpt.evaluation import EvalReport, format_table, meets_target
+from bubogpt.evaluation import CHANCE, EvalReport, format_table, meets_target
 from bubogpt.training import EVAL_INSTRUCTIONS
 from workflows.data.prepared import decode_row_tensors, read_manifest, shard_paths
 
-EVAL_DATASETS = ("llava_instruct", "clotho", "wavcaps", "vggss", "negative_pairs")
+EVAL_DATASETS = ("llava_instruct", "cc_sbu_align", "clotho", "wavcaps", "vggss", "negative_pairs")
+# cc_sbu_align rows (captions) are asked to describe the picture: the prompt most likely to draw a
+# description of a sound from a model that hallucinates modalities.
+CAPTION_INSTRUCTION = "Describe this picture."
 MAX_NEW_TOKENS = 80
 BATCH_SIZE = 32
 
@@ -37,6 +40,8 @@ BATCH_SIZE = 32
 def eval_prompt(dataset: str, instruction: str, modalities: list[str]):
     if dataset == "llava_instruct":
         return instruction_prompt(modalities, instruction)
+    if dataset == "cc_sbu_align":
+        return instruction_prompt(modalities, CAPTION_INSTRUCTION)
     if dataset in ("clotho", "wavcaps"):
         return instruction_prompt(modalities, EVAL_INSTRUCTIONS["sound"])
     return instruction_prompt(modalities, EVAL_INSTRUCTIONS["source"])
@@ -129,9 +134,10 @@ def report_json(report: EvalReport, model_dir: str | Path) -> dict[str, Any]:
     return {
         "model": str(model_dir),
         "decoding": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_NEW_TOKENS},
-        "instructions": dict(EVAL_INSTRUCTIONS),
+        "instructions": dict(EVAL_INSTRUCTIONS) | {"caption": CAPTION_INSTRUCTION},
         "metrics": metrics,
         "counts": report.counts(),
+        "chance": {m: CHANCE[m] for m in metrics if m in CHANCE},
         "targets_met": {m: meets_target(m, v) for m, v in metrics.items() if meets_target(m, v) is not None},
         "examples": report.examples,
     }
