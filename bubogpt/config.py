@@ -52,8 +52,8 @@ class VisionEncoderConfig:
     ln_vision_eps: float = 1e-5
     # Empty: EVA's patch embedding (one patch_size x patch_size conv). Otherwise a convolutional stem,
     # one stage per width (log2(patch_size) of them): a 3x3 stride-2 conv and a 3x3 conv, GELU after
-    # each, then a 1x1 projection to embed_dim: the same token grid, with local shape features that a
-    # tiny ViT does not learn from 8-px patches (`modeling_vision.EvaPatchEmbed`).
+    # each, then a 1x1 projection to embed_dim and a LayerNorm: the same token grid, with the local
+    # shape features a tiny ViT does not learn from 8-px patches (`modeling_vision.EvaPatchEmbed`).
     stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

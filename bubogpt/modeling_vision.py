@@ -63,8 +63,8 @@ class EvaBlock(nn.Module):
 
 class EvaPatchEmbed(nn.Module):
     """EVA's patch_size x patch_size conv, or (`config.stem_channels`) a convolutional stem: per
-    width a 3x3 stride-2 conv and a 3x3 conv, with GELU, then a 1x1 `proj` to the width ("early
-    convolutions"; the last conv sees 43 px, a whole object of a 112-px scene)."""
+    width a 3x3 stride-2 conv and a 3x3 conv, with GELU, then a 1x1 `proj` to the width and a
+    LayerNorm ("early convolutions"; the last conv sees 43 px, a whole object of a 112-px scene)."""
 
     def __init__(self, config: VisionEncoderConfig):
         super().__init__()
@@ -76,14 +76,17 @@ class EvaPatchEmbed(nn.Module):
                            nn.Conv2d(c_out, c_out, 3, padding=1), nn.GELU()]
             self.stem = nn.Sequential(*layers)
             self.proj = nn.Conv2d(channels[-1], config.embed_dim, 1)
+            # The stem's output scale drifts from the position embedding's; a LayerNorm fixes it.
+            self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         else:
-            self.stem = None
+            self.stem = self.norm = None
             self.proj = nn.Conv2d(3, config.embed_dim, config.patch_size, config.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stem is not None:
-            x = self.stem(x)  # (B, C, S / patch, S / patch)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.stem is None:
+            return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, (S / patch)^2, D)
+        return self.norm(x)
 
 
 class EvaVisionEncoder(nn.Module):

@@ -1,5 +1,5 @@
 import sys, time, torch, pickle, os
-torch.set_num_threads(1)
+torch.set_num_threads(2)
 from bubogpt.config import AudioEncoderConfig
 from bubogpt.preprocess import AudioPreprocessConfig
 from bubogpt.pretraining.tiny_components import RecordingPool, Schedule, train_audio_encoder

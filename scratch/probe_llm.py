@@ -1,5 +1,5 @@
 import sys, time, torch
-torch.set_num_threads(1)
+torch.set_num_threads(2)
 from bubogpt.config import LLMConfig
 from bubogpt.pretraining.tiny_components import Schedule, train_llm, build_tokenizer, draw_text_example, encode_pieces
 tok = build_tokenizer()

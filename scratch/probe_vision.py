@@ -1,5 +1,5 @@
 import sys, time, torch, pickle, os
-torch.set_num_threads(1)
+torch.set_num_threads(2)
 from bubogpt.config import VisionEncoderConfig
 from bubogpt.pretraining.tiny_components import PicturePool, Schedule, train_vision_encoder
 t = time.time()

@@ -534,17 +534,31 @@ def score_image_qa(model, tokens: torch.Tensor, scenes: list[streams.WorldScene]
     return score_answers(records, answers)
 
 
+@torch.no_grad()
+def init_place_queries(model) -> None:
+    """The vision Q-Former's queries start as the 2-D sin-cos codes of a grid of image places, with
+    its first cross-attention's query and key projections a scaled identity, so each query starts
+    looking at its own place of the pretrained encoder (whose position embedding started as the
+    same code, `init_position_codes`). `training.init_spatial_prior` without its encoder part."""
+    from bubogpt.training import init_spatial_prior
+
+    pos_embed = model.vision_encoder.pos_embed.detach().clone()
+    init_spatial_prior(model)
+    model.vision_encoder.pos_embed.copy_(pos_embed)
+
+
 def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], held_tokens: torch.Tensor,
                            held_scenes: list[streams.WorldScene], schedule: Schedule, batch_size: int, seed: int,
-                           log: LogFn = print_log, eval_every: int = 500):
-    """Trains `model.joiner`'s vision Q-Former and projection; everything else stays frozen."""
-    trainable = [p for n, p in model.named_parameters() if n.startswith(("joiner.qformers.vision.", "joiner.projections.vision."))]
+                           log: LogFn = print_log, eval_every: int = 500, train_llm: bool = False):
+    """Trains `model.joiner`'s vision Q-Former and projection (and the LLM with `train_llm`);
+    everything else stays frozen."""
+    prefixes = ("joiner.qformers.vision.", "joiner.projections.vision.") + (("llm.",) if train_llm else ())
+    trainable = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     model.train()
-    model.llm.eval()  # no dropout in the frozen LLM
     optimizer = adamw(trainable, schedule.lr)
     generator = torch.Generator().manual_seed(seed)
     started = time.time()
