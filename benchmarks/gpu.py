@@ -3,14 +3,17 @@
 Measures, on one device, in one run:
   1. device copy bandwidth (bytes read + written per second);
   2. encoder + joiner latency per image and per audio input;
-  3. LLM decode tokens/s at batch 1, 8, 32 with the KV cache -- Hugging Face eager decoding (what the
-     serving path runs) and a CUDA-graph decode step over a static KV cache using the same weights --
-     next to the memory-bandwidth bound (batch x copy bandwidth / weight bytes);
+  3. LLM decode tokens/s at batch 1, 8, 32 with the KV cache -- Hugging Face eager decoding, and the
+     serving engine's decode loop (bubogpt/generation.py: a slotted static KV cache, CUDA graphs on a
+     GPU) on the same weights -- and at batch 1 through the LLM deployment's own code path (a request
+     submitted to serve/generation.py's GenerationWorker, its text streamed back), next to the
+     memory-bandwidth bound (batch x copy bandwidth / weight bytes);
   4. Grounding DINO Swin-T (groundingdino-py) + SAM ViT-H (segment-anything) latency per 800-px image;
   5. a few stage-2 training steps (samples/s, peak memory).
 
     python benchmarks/gpu.py                  # on a GPU machine; installs nothing, < 8 minutes
-    python benchmarks/gpu.py --smoke          # the same code paths on the CPU with the tiny preset
+    python benchmarks/gpu.py --device cpu     # smoke: the same code paths on the CPU, tiny preset
+                                              # (--smoke is the same)
 
 Random weights measure speed only. Nothing is downloaded: BERT for Grounding DINO is a random
 bert-base built from its config in a temporary directory.
@@ -20,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import platform
 import sys
 import tempfile
@@ -29,14 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bubogpt.config import bubogpt_7b, tiny  # noqa: E402
-from bubogpt.conversation import instruction_prompt  # noqa: E402
+from bubogpt.conversation import Conversation, instruction_prompt  # noqa: E402
+from bubogpt.generation import ContinuousBatcher, Sampling, SlotDecoder  # noqa: E402
 from bubogpt.modeling_bubogpt import BuboGPT  # noqa: E402
-from bubogpt.tokenizer import build_tiny_tokenizer  # noqa: E402
 
 ROWS: list[tuple[str, str, str]] = []  # (section, measurement, value)
 
@@ -89,119 +89,7 @@ def encoder_latency(model, config, device, dtype) -> None:
             row("encoders", f"audio ({config.audio_clips} clips) -> ImageBind -> Q-Former -> projection, batch {batch}", f"{aud_s / batch * 1000:.1f} ms per audio")
 
 
-# -- 3. a CUDA-graph decode step over a static KV cache, reading the HF Llama's own weights ------------
-
-class StaticLlamaDecoder:
-    """Greedy single-token decode for a `LlamaForCausalLM` with a preallocated KV cache.
-
-    Written out (nanoGPT / gpt-fast style) so that one step has no host synchronisation and can be
-    captured in a CUDA graph, with few kernels per layer: q/k/v and gate/up weights are fused into one
-    matrix each, rotary embedding is a complex multiply (q/k rows permuted to interleaved pairs, which
-    leaves q.k unchanged), residual adds ride on `addmm`, and one `index_copy_` writes k and v. It
-    reads the Hugging Face module's weights; `check_decoder_matches_hf` checks its tokens equal Hugging
-    Face greedy decoding.
-    """
-
-    def __init__(self, llm, batch: int, max_len: int):
-        self.llm, self.batch, self.max_len = llm, batch, max_len
-        cfg = llm.config
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
-        w = llm.model.embed_tokens.weight
-        self.device, self.dtype = w.device, w.dtype
-        # half-split rotary layout -> interleaved pairs, applied to the rows of q and k projections
-        hd = self.head_dim
-        interleave = torch.stack([torch.arange(hd // 2), torch.arange(hd // 2) + hd // 2], dim=1).flatten()
-
-        def permute(weight, heads):
-            return weight.view(heads, hd, -1)[:, interleave.to(weight.device)].reshape(heads * hd, -1)
-
-        self.layers = []
-        with torch.no_grad():
-            for layer in llm.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                self.layers.append({
-                    "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-                    "wqkv": torch.cat([permute(a.q_proj.weight, self.n_heads), permute(a.k_proj.weight, self.n_kv),
-                                       a.v_proj.weight]).contiguous(),
-                    "wo": a.o_proj.weight, "w_gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous(),
-                    "w_down": m.down_proj.weight,
-                })
-        # cache per layer: (B, 2 * n_kv, L, hd) -- keys then values, written by one index_copy_
-        self.cache = torch.zeros(cfg.num_hidden_layers, batch, 2 * self.n_kv, max_len, hd, device=self.device, dtype=self.dtype)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=self.device).float() / hd))
-        angles = torch.outer(torch.arange(max_len, device=self.device).float(), inv_freq)
-        self.freqs = torch.polar(torch.ones_like(angles), angles)  # (L, hd/2) complex64
-        self.key_positions = torch.arange(max_len, device=self.device)
-        self.position = torch.zeros((), dtype=torch.long, device=self.device)
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.graph = None
-
-    def _rope(self, x, freqs):
-        """x: (B, T, H, hd) interleaved pairs; freqs: (T, hd/2) complex."""
-        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(pairs * freqs[:, None]).flatten(-2).to(x.dtype)
-
-    def _forward(self, input_ids, positions):
-        B, T = input_ids.shape
-        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        x = self.llm.model.embed_tokens(input_ids).view(B * T, -1)  # (B*T, D)
-        freqs = self.freqs[positions]  # (T, hd/2), shared by every layer
-        visible = self.key_positions[None, :] <= positions[:, None]  # (T, L)
-        for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), w["ln1"], self.eps)
-            qkv = (h @ w["wqkv"].t()).view(B, T, nh + 2 * nkv, hd)
-            qk = self._rope(qkv[:, :, : nh + nkv], freqs)
-            q = qk[:, :, :nh].transpose(1, 2)  # (B, nh, T, hd)
-            new_kv = torch.cat([qk[:, :, nh:], qkv[:, :, nh + nkv:]], dim=2).transpose(1, 2)  # (B, 2nkv, T, hd)
-            self.cache[i].index_copy_(2, positions, new_kv)
-            keys, values = self.cache[i, :, :nkv], self.cache[i, :, nkv:]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=nkv != nh)
-            x = torch.addmm(x, out.transpose(1, 2).reshape(B * T, -1), w["wo"].t())
-            h = F.rms_norm(x, (x.shape[-1],), w["ln2"], self.eps)
-            gate, up = (h @ w["w_gate_up"].t()).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, w["w_down"].t())
-        x = x.view(B, T, -1)[:, -1]
-        x = F.rms_norm(x, (x.shape[-1],), self.llm.model.norm.weight, self.eps)
-        return x @ self.llm.lm_head.weight.t()  # (B, vocab)
-
-    @torch.no_grad()
-    def prefill(self, input_ids):
-        positions = torch.arange(input_ids.shape[1], device=self.device)
-        logits = self._forward(input_ids, positions)
-        self.tokens.copy_(logits.argmax(-1))
-        self.position.fill_(input_ids.shape[1])
-
-    @torch.no_grad()
-    def _step(self):
-        logits = self._forward(self.tokens[:, None], self.position.view(1))
-        self.tokens.copy_(logits.argmax(-1))
-        self.position.add_(1)
-
-    def capture(self):
-        """Record one step in a CUDA graph (warm-up on a side stream first, as PyTorch requires)."""
-        saved = (self.cache.clone(), self.tokens.clone(), self.position.clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        self.cache.copy_(saved[0])
-        self.tokens.copy_(saved[1])
-        self.position.copy_(saved[2])
-        del saved
-
-    def step(self):
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step()
-
+# -- 3. decode: Hugging Face eager, the serving engine's slot decoder, and the deployment's worker -----
 
 def hf_eager_decode_rate(llm, batch, prompt_len, new_tokens, device, vocab) -> float:
     """Tokens/s of Hugging Face's own cached decoding (prefill excluded)."""
@@ -222,52 +110,114 @@ def hf_eager_decode_rate(llm, batch, prompt_len, new_tokens, device, vocab) -> f
     return batch * new_tokens / seconds
 
 
-def graph_decode_rate(llm, batch, prompt_len, new_tokens, device, vocab) -> float:
-    decoder = StaticLlamaDecoder(llm, batch, prompt_len + new_tokens + 8)
-    ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
-    decoder.prefill(ids)
-    if device.type == "cuda":
-        decoder.capture()
+def slot_decode_rate(decoder: SlotDecoder, batch, prompt_len, new_tokens, device, vocab) -> float:
+    """Tokens/s of the serving engine's decode loop (bubogpt/generation.py: ContinuousBatcher over the
+    SlotDecoder, CUDA graphs on a GPU; prefill excluded): `batch` greedy rows decoding together,
+    including the per-step host work (token choice, bookkeeping) the worker does."""
+    embed = decoder.llm.model.embed_tokens
+    greedy = Sampling(False, 1.0, 1.0)
 
     def run():
-        decoder.prefill(ids)
+        batcher = ContinuousBatcher(decoder, eos_token_id=None)
+        with torch.no_grad():
+            for row in range(batch):
+                batcher.add(row, embed(torch.randint(3, vocab, (prompt_len,), device=device)), new_tokens + 1, greedy)
         sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            decoder.step()
+            batcher.step()
         sync(device)
         return time.perf_counter() - start
 
-    run()
+    run()  # captures this shape's graphs
     seconds = sorted(run() for _ in range(3))[1]
-    del decoder
     return batch * new_tokens / seconds
 
 
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer covering every id of the LLM's vocabulary (w3, w4, ...), so any token a
+    random model writes decodes to text as the worker needs; BOS 1, EOS 2 as Vicuna's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")  # fmt: skip
+
+
+def worker_decode_rate(model: BuboGPT, max_rows: int, prompt_words: int, new_tokens: int, device) -> tuple[float, int]:
+    """Batch-1 decode through the LLM deployment's own code path: a GenerationJob submitted alone to
+    serve/generation.py's GenerationWorker (as serve/app.py's `_generate_rows` does), streamed back
+    as text. Tokens/s excluding prefill: (tokens(N) - 1) / (time(N tokens) - time(1 token))."""
+    import threading
+
+    from serve.generation import GenerationJob, GenerationWorker
+
+    worker = GenerationWorker(model, max_rows)
+    if worker.engine != "continuous":
+        raise RuntimeError(f"the worker runs the {worker.engine!r} engine, not the slot decoder")
+    conversation = Conversation()
+    conversation.add_user(" ".join(f"w{3 + i}" for i in range(prompt_words)))
+    prompt = conversation.render()
+
+    def one(limit: int) -> tuple[float, int]:
+        done, final = threading.Event(), {}
+
+        def deliver(item):
+            if item is None:
+                done.set()
+            elif isinstance(item, BaseException):
+                final["error"] = item
+            elif item[0] is not None and item[0].done:
+                final["tokens"] = item[0].completion_tokens
+        start = time.perf_counter()
+        worker.submit([GenerationJob(prompt, 0, limit, Sampling(False, 1.0, 1.0))], deliver)
+        done.wait(600)
+        if "error" in final:
+            raise final["error"]
+        return time.perf_counter() - start, final["tokens"]
+
+    for _ in range(2):  # warm-up: graph capture for the shapes a batch-1 row passes through
+        one(new_tokens)
+    first = sorted(one(1)[0] for _ in range(5))[2]
+    runs = sorted(one(new_tokens) for _ in range(3))
+    seconds, tokens = runs[1]
+    worker.stop(60)
+    return (tokens - 1) / (seconds - first), tokens
+
+
 def check_decoder_matches_hf(device) -> None:
-    """The static decoder (graph-captured on a GPU) gives Hugging Face's greedy tokens: a tiny fp32 Llama."""
+    """The serving engine's decoder (graph-captured on a GPU, batches rounded up as it runs them
+    there) gives Hugging Face's greedy tokens: a tiny fp32 Llama with GQA, rows joining at
+    different steps with different prompt lengths."""
     from bubogpt.config import LLMConfig
     from bubogpt.llm import build_llm
 
     with torch.device(device):
         llm = build_llm(LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                   intermediate_size=128, vocab_size=300)).eval()
-    ids = torch.randint(3, 300, (2, 7), device=device)
+    prompts = [torch.randint(3, 300, (n,), device=device) for n in (7, 3, 12)]
     with torch.no_grad():
-        reference = llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)[:, 7:]
-    decoder = StaticLlamaDecoder(llm, 2, 20)
-    decoder.prefill(ids)
-    if device.type == "cuda":
-        decoder.capture()
-    tokens = [decoder.tokens.clone()]
-    for _ in range(5):
-        decoder.step()
-        tokens.append(decoder.tokens.clone())
-    ours = torch.stack(tokens, dim=1)
-    if not torch.equal(ours, reference):
-        raise AssertionError(f"static decoder tokens {ours.tolist()} != HF greedy {reference.tolist()}")
-    row("decode", "static decoder == HF greedy (tiny fp32 Llama, GQA)", "yes")
+        reference = [llm.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=8,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(ids):].tolist()
+                     for ids in prompts]  # fmt: skip
+    decoder = SlotDecoder(llm, slots=4, max_len=32)
+    decoder.round_batches = True
+    batcher = ContinuousBatcher(decoder, eos_token_id=None)
+    ours = {i: [] for i in range(3)}
+    for step in range(12):
+        if step in (0, 2, 3):
+            i = (0, 2, 3).index(step)
+            with torch.no_grad():
+                ours[i].append(batcher.add(i, llm.model.embed_tokens(prompts[i]), 8, Sampling(False, 1.0, 1.0))[0])
+        for key, token, _ in batcher.step():
+            ours[key].append(token)
+    if [ours[i] for i in range(3)] != reference:
+        raise AssertionError(f"slot decoder tokens {ours} != HF greedy {reference}")
+    graphs = f", {len(decoder.graphs)} CUDA graphs" if decoder.cuda_graphs else ""
+    row("decode", f"slot decoder == HF greedy (tiny fp32 Llama, GQA, rows joining{graphs})", "yes")
 
 
 # -- 4. grounding ------------------------------------------------------------------------------------
@@ -320,7 +270,8 @@ def grounding_latency(device: torch.device, sam_variant: str, image_hw: tuple[in
     segment_s = timed(segment, device, warmup=1, reps=reps)
     row("grounding", f"Grounding DINO Swin-T, {w}x{h} image, fp32", f"{detect_s * 1000:.1f} ms")
     row("grounding", f"SAM {sam_variant}: embedding + 3 boxes, fp32", f"{segment_s * 1000:.1f} ms")
-    row("grounding", "detector + segmenter per image", f"{(detect_s + segment_s) * 1000:.1f} ms (reference: 3-4 s on an A100)")
+    # No tagger (RAM) here: not comparable with the reference's end-to-end grounding time per image.
+    row("grounding", "detector + segmenter per image (no tagger)", f"{(detect_s + segment_s) * 1000:.1f} ms")
     del detector, sam, predictor
 
 
@@ -365,14 +316,16 @@ def guarded(section: str, fn, *args, **kwargs):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (checks the code paths)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="cpu: the smoke run, tiny preset on the CPU (checks the code paths)")
+    parser.add_argument("--smoke", action="store_true", help="the same as --device cpu")
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     parser.add_argument("--skip-grounding", action="store_true")
     args = parser.parse_args()
-    smoke = args.smoke
+    smoke = args.smoke or args.device == "cpu"
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not smoke:
-        print("no GPU found: run with --smoke on the CPU", file=sys.stderr)
+        print("no GPU found: run with --device cpu for the smoke run", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -385,9 +338,9 @@ def main() -> int:
 
     config = tiny() if smoke else bubogpt_7b()
     dtype = torch.float32 if smoke else torch.bfloat16
-    tokenizer = build_tiny_tokenizer(["###Human: Describe this image in detail ###Assistant: a red circle###"] * 4, 300)
     if smoke:
-        config.llm.vocab_size = len(tokenizer)
+        config.llm.vocab_size = 300
+    tokenizer = word_tokenizer(config.llm.vocab_size)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(device):
@@ -405,15 +358,33 @@ def main() -> int:
     # 3. decode
     guarded("decode", check_decoder_matches_hf, device)
     prompt_len, new_tokens = (64, 64) if not smoke else (8, 8)
-    for batch in (1, 8, 32):
+    batches = (1, 8, 32)
+    rates = {}
+    for batch in batches:
+        rates[batch] = guarded("decode", hf_eager_decode_rate, model.llm, batch, prompt_len, new_tokens, device, vocab)
+    decoder = SlotDecoder(model.llm, slots=max(batches), max_len=prompt_len + new_tokens + 8)
+    for batch in batches:
         bound = batch * bandwidth / llm_bytes
         row("decode", f"batch {batch}: bandwidth bound", f"{bound:.0f} tokens/s")
-        eager = guarded("decode", hf_eager_decode_rate, model.llm, batch, prompt_len, new_tokens, device, vocab)
-        if eager:
-            row("decode", f"batch {batch}: HF eager (KV cache)", f"{eager:.0f} tokens/s ({eager / bound:.0%} of bound)")
-        graph = guarded("decode", graph_decode_rate, model.llm, batch, prompt_len, new_tokens, device, vocab)
-        if graph:
-            row("decode", f"batch {batch}: CUDA-graph static KV cache", f"{graph:.0f} tokens/s ({graph / bound:.0%} of bound)")
+        if rates[batch]:
+            row("decode", f"batch {batch}: HF eager (KV cache)", f"{rates[batch]:.0f} tokens/s ({rates[batch] / bound:.0%} of bound)")
+        slots = guarded("decode", slot_decode_rate, decoder, batch, prompt_len, new_tokens, device, vocab)
+        if slots:
+            kind = "CUDA graphs" if decoder.cuda_graphs else "eager"
+            row("decode", f"batch {batch}: serving engine, slot KV cache ({kind})", f"{slots:.0f} tokens/s ({slots / bound:.0%} of bound)")
+    del decoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # The product's path at batch 1: the worker the LLM deployment runs, its cache as the deployment
+    # sizes it (llm_max_batch_size rows x the model's context).
+    measured = guarded("decode", worker_decode_rate, model, 8, prompt_len, 2 * new_tokens, device)
+    if measured:
+        rate, tokens = measured
+        bound = bandwidth / llm_bytes
+        row("decode", f"batch 1: LLM deployment's GenerationWorker ({tokens} tokens, text streamed)",
+            f"{rate:.0f} tokens/s ({rate / bound:.0%} of bound)")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # 5. training (before grounding so the LLM's memory is measured alone)
     guarded("training", training_steps, model, device, batch=12 if not smoke else 2, steps=5 if not smoke else 1)
@@ -430,7 +401,7 @@ def main() -> int:
     print("\n| section | measurement | value |\n|---|---|---|")
     for section, measurement, value in ROWS:
         print(f"| {section} | {measurement} | {value} |")
-    print(f"\nreproduce: python benchmarks/gpu.py{' --smoke' if smoke else ''}")
+    print(f"\nreproduce: python benchmarks/gpu.py{' --device cpu' if smoke else ''}")
     if args.json:
         args.json.write_text(json.dumps([dict(zip(("section", "measurement", "value"), r)) for r in ROWS], indent=2))
     return 0

@@ -85,7 +85,7 @@ def start_local(model_dir: str | None, grounding_dir: str | None, port: int):
     options = {d.pop("name"): d for d in app_config["deployments"]}
     ray.init(address="local", include_dashboard=False)  # a fresh local Ray, never a running cluster
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {**app_config["args"], "model_dir": model_dir, "grounding_dir": grounding_dir}
+    args = {**app_config["args"], "model_dir": model_dir, "grounding_dir": grounding_dir, "api_key_env": None}
     settings = ServeSettings.from_dict(args)
     serve.run(compose(settings, options), name="bubogpt", route_prefix="/")
     return f"http://127.0.0.1:{port}"

@@ -147,7 +147,7 @@ class ReferenceStyleServer:
         import torch
 
         from bubogpt.checkpoints.native import load_model
-        from serve.app import Grounder
+        from serve.grounding import Grounder
         from serve.generation import query_token_counts
         from serve.local import local_config
         from serve.settings import ServeSettings
@@ -234,7 +234,7 @@ def run_reference_server(model_dir: str, grounding_dir: str | None, session_stat
     """The reference-style server behind POST /v1/chat (a child process of the benchmark)."""
     import torch
 
-    from serve.protocol import APIError
+    from serve.errors import APIError
 
     if threads:
         torch.set_num_threads(threads)

@@ -27,16 +27,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflows.cli import build_parser  # noqa: E402
+from workflows.cli import parse  # noqa: E402
 
 NO_NEGATIVES = {"stage2": {"datasets": {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 2.0}}}
 
 
 def run(argv: list[str]) -> float:
     """Run one `bubogpt` command in this process; returns its wall-clock minutes."""
-    args = build_parser().parse_args(argv)
+    function, options = parse(argv)
     started = time.time()
-    code = args.func(args)
+    code = function(options)
     if code != 0:
         raise SystemExit(f"bubogpt {' '.join(argv)} failed with exit code {code}")
     return (time.time() - started) / 60

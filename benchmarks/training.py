@@ -116,7 +116,7 @@ def main() -> int:
 
     from bubogpt.training import resolve_stages
     from workflows.data.prepared import read_manifest
-    from workflows.train import build_initial_model, precomputed_tokens_match
+    from workflows.model_dirs import build_initial_model, precomputed_tokens_match
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # each job tracks into its own OUT/mlflow.db
     with tempfile.TemporaryDirectory(prefix="bubogpt-training-bench-") as tmp:

@@ -103,6 +103,9 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
 
 
+FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class BuboGPTConfig:
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
@@ -112,14 +115,35 @@ class BuboGPTConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     max_txt_len: int = 196
     max_context_tokens: int = 2000
-    end_sym: str = "###"
+    end_sym: str = "###"  # ends every stage-2 target and every chat turn
+    # Stage 1 (audio captions, no instruction) ends its targets with "\n" (mm_gpt4.py:68, :275; the
+    # stage-1 train configs set no end_sym).
+    stage1_end_sym: str = "\n"
     audio_clips: int = 6
     preset: str = "7b"
+    # Where the frozen LLM and encoders live: "auto" = bfloat16 on a GPU, float32 on the CPU; or
+    # "float32" / "bfloat16" / "float16". The joiner (Q-Formers, projections) always stays float32.
+    frozen_dtype: str = "auto"
+    # Preprocessing as the released weights were trained (bubogpt.preprocess reads these through
+    # `AudioPreprocessConfig.for_model` / `ImagePreprocessConfig.for_model`).
+    audio_channel: str = "first"  # "first": kaldi.fbank reads channel 0 | "mean": channels averaged
+    audio_global_clip: bool = True  # one more clip: the whole audio, resized to the clip's frames
+    spec_augment: str = "mixture"  # training stripes blended 50/50 with another clip | "replace"
+    image_eval_resize: str = "center_crop"  # short side to the size, centre crop | "squash" (whole image)
 
     def __post_init__(self) -> None:
         # The Q-Former's cross-attention width is always its encoder's width: derive it in one place.
         self.audio_qformer.encoder_width = self.audio.embed_dim
         self.vision_qformer.encoder_width = self.vision.embed_dim
+        choices = {
+            "frozen_dtype": FROZEN_DTYPES,
+            "audio_channel": ("first", "mean"),
+            "spec_augment": ("mixture", "replace"),
+            "image_eval_resize": ("center_crop", "squash"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +187,18 @@ def bubogpt_13b(llm_path: str | None = None) -> BuboGPTConfig:
     return BuboGPTConfig(llm=llm, max_txt_len=160, preset="13b")
 
 
+# Where the tiny preset keeps its own choices (README, "The tiny preset's own choices"): it trains its
+# LLM and encoders (float32); its synthetic images are not square and their questions are about
+# positions up to the edges (the whole image); its stereo sounds are panned, so the louder channel may
+# be either (the mean keeps the level its loud/quiet answers depend on); 3 evenly spaced clips, no
+# augmentation (its prepared data is computed once). The stage-1 end symbol stays "###", the one its
+# sample generations stop at.
+TINY_CHOICES = dict(
+    frozen_dtype="float32", audio_channel="mean", audio_global_clip=False, spec_augment="replace",
+    image_eval_resize="squash", stage1_end_sym="###",
+)
+
+
 def tiny() -> BuboGPTConfig:
     """All widths <= 128: trains on 2 CPU cores in minutes. Same architecture, smaller sizes."""
     return BuboGPTConfig(
@@ -186,6 +222,7 @@ def tiny() -> BuboGPTConfig:
         max_context_tokens=1000,
         audio_clips=3,
         preset="tiny",
+        **TINY_CHOICES,
     )
 
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 SLOT_MARKER = "<ModalityHere>"
 MARKUP = {"vision": ("<Vision>", "</Vision>"), "audio": ("<Audio>", "</Audio>")}
-MODALITY_ORDER = ("vision", "audio")
+# Audio before the image where a prompt holds both, as in every combined prompt the released model
+# was trained with (prompts/alignment_audio_image_neg.txt:1-5, alignment_audio_image_region.txt:1-3:
+# "<Audio><ModalityHere></Audio> <Vision><ModalityHere></Vision> ...").
+MODALITY_ORDER = ("audio", "vision")
 
 
 @dataclass(frozen=True)
@@ -71,33 +74,42 @@ def prompt_modalities(segments: list[Segment]) -> list[str]:
     return [s.modality for s in segments if isinstance(s, ModalitySlot)]
 
 
-def modality_prefix(modalities: list[str] | tuple[str, ...]) -> list[Segment]:
-    """Markup for each given modality, vision first, separated by spaces."""
+def _ordered(modalities: list[str] | tuple[str, ...], order: tuple[str, ...]) -> list[str]:
+    unknown = set(modalities) - set(order)
+    if unknown:
+        raise ValueError(f"unknown modality {sorted(unknown)}; expected one of {list(order)}")
+    return sorted(set(modalities), key=order.index)
+
+
+def modality_prefix(modalities: list[str] | tuple[str, ...], order: tuple[str, ...] = MODALITY_ORDER) -> list[Segment]:
+    """Markup for each given modality, in `order` (audio first by default), separated by spaces."""
     segments: list[Segment] = []
-    for modality in sorted(set(modalities), key=MODALITY_ORDER.index):
+    for modality in _ordered(modalities, order):
         if segments:
             segments.append(" ")
         segments += markup(modality)
     return segments
 
 
-def instruction_prompt(modalities: list[str] | tuple[str, ...], instruction: str) -> list[Segment]:
+def instruction_prompt(
+    modalities: list[str] | tuple[str, ...], instruction: str, order: tuple[str, ...] = MODALITY_ORDER
+) -> list[Segment]:
     """Stage-2 template: `###Human: {markup} {instruction} ###Assistant: `."""
-    body = modality_prefix(modalities)
+    body = modality_prefix(modalities, order)
     if instruction:
         body += [" " if body else "", instruction]
     return merge_text(["###Human: ", *body, " ###Assistant: "])
 
 
-def caption_prompt(modalities: list[str] | tuple[str, ...]) -> list[Segment]:
+def caption_prompt(modalities: list[str] | tuple[str, ...], order: tuple[str, ...] = MODALITY_ORDER) -> list[Segment]:
     """Stage 1 uses no instruction: BOS + the modality tokens, then the caption."""
-    return [ModalitySlot(m) for m in sorted(set(modalities), key=MODALITY_ORDER.index)]
+    return [ModalitySlot(m) for m in _ordered(modalities, order)]
 
 
+# The released demo's system sentence, word for word (eval_scripts/conversation.py:77-78).
 SYSTEM = (
     "Give the following image: <Vision>ImageContent</Vision> or audio: <Audio>AudioContent</Audio>. "
-    "You will be able to see the image or hear the audio once I provide it to you. "
-    "Please answer my questions."
+    "You will be able to see the image/audio once I provide it to you. Please answer my questions."
 )
 
 
@@ -109,10 +121,11 @@ class Conversation:
     roles: tuple[str, str] = ("Human", "Assistant")
     sep: str = "###"
     messages: list[tuple[str, list[Segment]]] = field(default_factory=list)
+    modality_order: tuple[str, ...] = MODALITY_ORDER  # of the markup opening a turn with several media
 
     def add_user(self, text: str, modalities: list[str] | tuple[str, ...] = ()) -> None:
         """The user's text is stored as text: it never creates a modality slot."""
-        body = modality_prefix(modalities)
+        body = modality_prefix(modalities, self.modality_order)
         if text:
             body += [" " if body else "", text]
         self.messages.append((self.roles[0], merge_text(body)))

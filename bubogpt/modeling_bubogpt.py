@@ -6,6 +6,11 @@ Forward pass, as numbered steps:
   3. assemble each row: [BOS] + prompt text and modality slots (+ target + end_sym when training),
      then pad whole rows (right for training, left for generation) -- never in the middle;
   4. the language model: loss on the target only, or `generate` with a per-row stop string.
+
+Precision: the frozen parts (LLM, audio and vision encoders) live in `frozen_dtype(config)` (bfloat16
+on a GPU for 7b/13b, where the reference ran its LLM in fp16/8-bit and EVA in fp16); the joiner, which
+trains, stays float32. Encoder inputs are cast to the encoder's dtype, encoder tokens to the joiner's,
+and the joiner's output to the LLM's embedding dtype.
 """
 
 from __future__ import annotations
@@ -44,6 +49,18 @@ class AssembledBatch:
     labels: torch.Tensor  # (B, T)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def frozen_dtype(config: BuboGPTConfig, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype of the frozen LLM and encoders: `config.frozen_dtype`, where "auto" is bfloat16 on
+    a CUDA device (default: when one is available) and float32 on the CPU."""
+    if config.frozen_dtype != "auto":
+        return DTYPES[config.frozen_dtype]
+    on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu else torch.float32
+
+
 class BuboGPT(nn.Module):
     def __init__(self, config: BuboGPTConfig, llm: PreTrainedModel, tokenizer=None):
         super().__init__()
@@ -60,15 +77,23 @@ class BuboGPT(nn.Module):
         self.tokenizer = tokenizer
 
     @classmethod
-    def build(cls, config: BuboGPTConfig, tokenizer=None, dtype: torch.dtype | None = None) -> "BuboGPT":
-        """Randomly initialised encoders and joiner; the LLM from `config.llm` (path or sizes)."""
+    def build(cls, config: BuboGPTConfig, tokenizer=None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> "BuboGPT":
+        """Randomly initialised encoders and joiner; the LLM from `config.llm` (path or sizes).
+
+        The LLM and the encoders are built in `dtype` (default: `frozen_dtype(config, device)`), the
+        joiner in float32."""
         vocab = len(tokenizer) if tokenizer is not None else None
         bos = tokenizer.bos_token_id if tokenizer is not None else 1
         eos = tokenizer.eos_token_id if tokenizer is not None else 2
         if vocab is not None and not config.llm.path:
             config.llm.vocab_size = vocab
+        dtype = dtype or frozen_dtype(config, device)
         llm = build_llm(config.llm, vocab, dtype=dtype, bos_token_id=bos, eos_token_id=eos)
-        return cls(config, llm, tokenizer)
+        model = cls(config, llm, tokenizer)
+        model.audio_encoder.to(dtype)
+        model.vision_encoder.to(dtype)
+        return model
 
     # -- 1. + 2. modalities -> LLM embeddings ------------------------------------------------------
 
@@ -77,11 +102,16 @@ class BuboGPT(nn.Module):
 
     def encode_audio(self, fbank: torch.Tensor) -> torch.Tensor:
         """(n, clips, 1, mels, frames) -> frozen audio tokens (n, 1 + patches, audio_width)."""
-        return self.audio_encoder(fbank)
+        return self.audio_encoder(fbank.to(self.audio_encoder.patch_embed.weight.dtype))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) -> frozen vision tokens (n, 1 + patches, vision_width)."""
-        return self.vision_encoder(pixel_values)
+        return self.vision_encoder(pixel_values.to(self.vision_encoder.cls_token.dtype))
+
+    def join(self, modality: str, encoder_tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (in whatever dtype the encoder gave) -> (n, Q, llm_hidden) in the joiner's."""
+        weight = self.joiner.projections[modality].fc.weight
+        return self.joiner(modality, encoder_tokens.to(device=weight.device, dtype=weight.dtype))
 
     def embed_modalities(
         self,
@@ -99,9 +129,9 @@ class BuboGPT(nn.Module):
                 vision_tokens = self.encode_image(image)
         embeds = {}
         if audio_tokens is not None:
-            embeds["audio"] = self.joiner("audio", audio_tokens)
+            embeds["audio"] = self.join("audio", audio_tokens)
         if vision_tokens is not None:
-            embeds["vision"] = self.joiner("vision", vision_tokens)
+            embeds["vision"] = self.join("vision", vision_tokens)
         return embeds
 
     @staticmethod
@@ -119,9 +149,12 @@ class BuboGPT(nn.Module):
         modality_embeds: dict[str, torch.Tensor],
         targets: list[str] | None = None,
         padding_side: str = "right",
+        end_sym: str | None = None,
     ) -> AssembledBatch:
         """Build padded LLM inputs. `modality_embeds[m]` has one row per prompt holding an `m` slot,
-        in prompt order; each prompt's set of slots must equal the set of modalities given for it."""
+        in prompt order; each prompt's set of slots must equal the set of modalities given for it.
+        Targets end with `end_sym` (default `config.end_sym`; stage 1 passes `config.stage1_end_sym`)."""
+        end_sym = self.config.end_sym if end_sym is None else end_sym
         if self.tokenizer is None:
             raise ValueError("BuboGPT needs a tokenizer to assemble prompts")
         if targets is not None and len(targets) != len(prompts):
@@ -145,12 +178,18 @@ class BuboGPT(nn.Module):
                     pieces.append(torch.tensor(ids, dtype=torch.long))
                     row_labels += [IGNORE_INDEX] * len(ids)
             if targets is not None:
-                target_ids = self._text_ids(targets[i] + self.config.end_sym)[: self.config.max_txt_len]
+                target_ids = self._text_ids(targets[i] + end_sym)[: self.config.max_txt_len]
                 pieces.append(torch.tensor(target_ids, dtype=torch.long))
                 row_labels += target_ids
             rows.append(torch.cat([self._embed_piece(p, embedding, device) for p in pieces]))
             labels.append(torch.tensor(row_labels, dtype=torch.long))
         return self._pad(rows, labels, padding_side, device)
+
+    def prompt_embeddings(self, prompt: list[Segment], audio_tokens: torch.Tensor | None = None,
+                          vision_tokens: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One generation prompt, assembled alone (no padding) from precomputed encoder tokens -> (T, llm_hidden)."""
+        embeds = self.embed_modalities(audio_tokens=audio_tokens, vision_tokens=vision_tokens)
+        return self.assemble([prompt], embeds, padding_side="left").inputs_embeds[0]
 
     @staticmethod
     def _embed_piece(piece: torch.Tensor, embedding: nn.Embedding, device) -> torch.Tensor:
@@ -198,10 +237,11 @@ class BuboGPT(nn.Module):
         image: torch.Tensor | None = None,
         audio_tokens: torch.Tensor | None = None,
         vision_tokens: torch.Tensor | None = None,
+        end_sym: str | None = None,
     ) -> BuboGPTOutput:
-        """Training forward: cross-entropy on target + end_sym tokens only."""
+        """Training forward: cross-entropy on target + end_sym tokens only (`end_sym`: see `assemble`)."""
         embeds = self.embed_modalities(audio, image, audio_tokens, vision_tokens)
-        batch = self.assemble(prompts, embeds, targets, padding_side="right")
+        batch = self.assemble(prompts, embeds, targets, padding_side="right", end_sym=end_sym)
         out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels)
         return BuboGPTOutput(loss=out.loss, logits=out.logits, labels=batch.labels)
 

@@ -3,16 +3,23 @@
 Audio (ImageBind recipe, as BuboGPT trained it):
 
     bytes --decode_audio--> (channels, samples) float32, sample rate
-          --audio_to_fbank_clips--> (num_clips, 1, num_mel_bins, target_length)
+          --audio_to_fbank_clips--> (total_clips, 1, num_mel_bins, target_length)
 
-    1. mix down to mono, resample to 16 kHz (torchaudio.functional.resample);
+    1. one channel: the first (`channel="first"`, as the released model was trained: the
+       reference hands the (channels, samples) waveform to kaldi.fbank, which reads channel 0) or
+       the mean of the channels (`channel="mean"`); resample to 16 kHz (torchaudio.functional.resample);
     2. audio shorter than one clip (5 s) is tiled until it fills the clip;
     3. choose `num_clips` clips of 5 s: evenly spaced over the audio at inference (the first
-       starts at 0, the last ends at the end), uniformly random at training;
+       starts at 0, the last ends at the end), uniformly random at training; with `global_clip`,
+       one more clip: the whole (tiled) audio, whose fbank is resized to the clip's frames like the
+       others (the reference's `use_global`);
     4. per clip: subtract the clip's mean, Kaldi fbank (Hanning, 25 ms / 10 ms, 128 mel bins, dither
        0, HTK compatible) -> (frames, mel), transpose to (mel, frames), bilinear resize of the ~498
        frames of a 5 s clip to 204, normalise with (x - mean) / std;
-    5. training only: SpecAugment stripes (`spec_augment`).
+    5. training only: SpecAugment stripes (`spec_augment`), blended 50/50 with another clip of the
+       sample (`"mixture"`, the reference's) or replaced by it (`"replace"`).
+
+    `AudioPreprocessConfig.for_model(model_config)` takes these choices from a `BuboGPTConfig`.
 
     Unlike the reference, the input waveform is never modified in place, and every clip keeps its
     channel axis whatever its frame count (the reference dropped it for an exact 204-frame input).
@@ -23,6 +30,9 @@ Image (BLIP-2 / CLIP recipe):
 
     bytes --decode_image--> RGB PIL image (EXIF orientation applied, alpha composited on white)
           --image_transform(config, train)--> (3, image_size, image_size) float32, CLIP-normalised
+
+    Inference: bicubic resize of the short side, then a centre crop (`eval_resize="center_crop"`,
+    the reference's eval processor), or of the whole image to a square (`"squash"`).
 
 Bad input (empty, garbage, corrupt, truncated, too long, too many pixels) raises `MediaError`, a
 `ValueError` whose message names the source and the problem.
@@ -35,7 +45,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import soundfile
@@ -44,7 +54,9 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms
+
+if TYPE_CHECKING:
+    from bubogpt.config import BuboGPTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,10 +101,17 @@ class AudioPreprocessConfig:
     time_stripes: int = 2
     freq_drop_width: int = 8
     freq_stripes: int = 2
+    spec_augment: str = "mixture"  # stripes blended 50/50 with another clip | "replace": copied from it
+    channel: str = "first"  # "first" (the reference's, via kaldi.fbank) | "mean" of the channels
+    global_clip: bool = True  # + one clip of the whole audio (the reference's use_global)
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or self.num_clips <= 0 or self.num_mel_bins <= 0:
             raise ValueError("sample_rate, num_clips and num_mel_bins must be positive")
+        if self.channel not in ("first", "mean"):
+            raise ValueError(f"channel must be 'first' or 'mean', got {self.channel!r}")
+        if self.spec_augment not in ("mixture", "replace"):
+            raise ValueError(f"spec_augment must be 'mixture' or 'replace', got {self.spec_augment!r}")
         if self.clip_seconds * 1000.0 < self.frame_length_ms:
             raise ValueError(
                 f"clip_seconds={self.clip_seconds} is shorter than one fbank frame "
@@ -105,6 +124,24 @@ class AudioPreprocessConfig:
     def clip_samples(self) -> int:
         return round(self.clip_seconds * self.sample_rate)
 
+    @property
+    def total_clips(self) -> int:
+        """Clips per input as the encoder sees them: `num_clips` (+ 1 with `global_clip`)."""
+        return self.num_clips + int(self.global_clip)
+
+    @classmethod
+    def for_model(cls, model: "BuboGPTConfig", **overrides) -> "AudioPreprocessConfig":
+        """The fbank layout and choices of a model config (its audio encoder's mels and frames)."""
+        fields = dict(
+            num_clips=model.audio_clips,
+            num_mel_bins=model.audio.num_mel_bins,
+            target_length=model.audio.target_length,
+            channel=model.audio_channel,
+            global_clip=model.audio_global_clip,
+            spec_augment=model.spec_augment,
+        )
+        return cls(**{**fields, **overrides})
+
 
 @dataclass
 class ImagePreprocessConfig:
@@ -112,6 +149,16 @@ class ImagePreprocessConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     train_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area fraction at training
+    eval_resize: str = "center_crop"  # the reference's eval processor | "squash": the whole image
+
+    def __post_init__(self) -> None:
+        if self.eval_resize not in ("center_crop", "squash"):
+            raise ValueError(f"eval_resize must be 'center_crop' or 'squash', got {self.eval_resize!r}")
+
+    @classmethod
+    def for_model(cls, model: "BuboGPTConfig", **overrides) -> "ImagePreprocessConfig":
+        fields = dict(image_size=model.vision.img_size, eval_resize=model.image_eval_resize)
+        return cls(**{**fields, **overrides})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +299,7 @@ def audio_to_fbank_clips(
     train: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """(channels, samples) or (samples,) waveform -> (num_clips, 1, num_mel_bins, target_length).
+    """(channels, samples) or (samples,) waveform -> (total_clips, 1, num_mel_bins, target_length).
 
     `train` picks random clips and applies `spec_augment`; `generator` makes that reproducible.
     The input tensor is not modified.
@@ -272,14 +319,19 @@ def audio_to_fbank_clips(
 
     mono = waveform.float()
     if mono.ndim == 2:
-        mono = mono.mean(dim=0)  # (N,)
+        # kaldi.fbank's `channel=-1` reads channel 0 (torchaudio/compliance/kaldi.py:135-137), which
+        # is what the reference's waveform2melspec (imagebind/data/data_utils.py:34) got.
+        mono = mono[0] if config.channel == "first" else mono.mean(dim=0)  # (N,)
     if sample_rate != config.sample_rate:
         mono = torchaudio.functional.resample(mono, int(sample_rate), config.sample_rate)
     mono = _tile_to_length(mono, config.clip_samples)
 
     starts = _clip_starts(mono.numel(), config.clip_samples, config.num_clips, train, generator)
     clips = [_clip_fbank(mono[s : s + config.clip_samples], config) for s in starts]
-    fbank_clips = torch.stack(clips)  # (num_clips, 1, mel, target_length)
+    if config.global_clip:
+        # The reference appends the whole waveform as the last clip (imagebind_audio_processor.py:105-106).
+        clips.append(_clip_fbank(mono, config))
+    fbank_clips = torch.stack(clips)  # (total_clips, 1, mel, target_length)
     if train:
         fbank_clips = spec_augment(
             fbank_clips,
@@ -288,6 +340,7 @@ def audio_to_fbank_clips(
             time_stripes=config.time_stripes,
             freq_drop_width=config.freq_drop_width,
             freq_stripes=config.freq_stripes,
+            mode=config.spec_augment,
         )
     return fbank_clips
 
@@ -311,20 +364,40 @@ def spec_augment(
     time_stripes: int = 2,
     freq_drop_width: int = 8,
     freq_stripes: int = 2,
+    mode: str = "mixture",
 ) -> torch.Tensor:
     """SpecAugment stripes mixed between the clips of one sample.
 
     fbank_clips: (num_clips, 1, mel, frames). For every clip, `time_stripes` frame stripes and
-    `freq_stripes` mel-bin stripes (widths uniform in [0, drop_width)) are replaced by the same
-    region of another, randomly chosen clip of the same sample, so the masked region still looks
-    like this sound rather than a hole. With a single clip the stripes are set to 0, the normalised
-    fbank mean. Returns a new tensor; the input is unchanged.
+    `freq_stripes` mel-bin stripes (widths uniform in [0, drop_width)) take the same region of
+    another clip of the same sample, so the masked region still looks like this sound rather than
+    a hole.
+
+    "mixture" (the reference's SpecAugment++ `MixStripes`, audio_augment.py:76-100, its
+    `mask_type='mixture'` default at imagebind_audio_processor.py:92): all time stripes first, then
+    all frequency stripes; for each pass the clips are shuffled (`randperm`, a clip may draw itself)
+    and each stripe becomes 0.5 * itself + 0.5 * the shuffled clip's region.
+    "replace": each stripe is copied from a random other clip; with a single clip it is set to 0,
+    the normalised fbank mean. Returns a new tensor; the input is unchanged.
     """
     if fbank_clips.ndim != 4:
         shape = tuple(fbank_clips.shape)
         raise ValueError(f"expected (num_clips, 1, mel, frames), got shape {shape}")
+    if mode not in ("mixture", "replace"):
+        raise ValueError(f"mode must be 'mixture' or 'replace', got {mode!r}")
     num_clips, _, num_mel, num_frames = fbank_clips.shape
     augmented = fbank_clips.clone()
+    if mode == "mixture":
+        for dim, size, drop_width, count in (
+            (2, num_frames, time_drop_width, time_stripes),
+            (1, num_mel, freq_drop_width, freq_stripes),
+        ):
+            donors = augmented[torch.randperm(num_clips, generator=generator)]  # a copy, before this pass
+            for clip in range(num_clips):
+                for start, end in _stripes(size, drop_width, count, generator):
+                    stripe = augmented[clip].narrow(dim, start, end - start)
+                    stripe.copy_(0.5 * stripe + 0.5 * donors[clip].narrow(dim, start, end - start))
+        return augmented
     for clip in range(num_clips):
         # dims of one clip (1, mel, frames): 2 = time, 1 = frequency
         for dim, size, drop_width, count in (
@@ -349,7 +422,7 @@ def load_audio_fbank(
     train: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Encoded audio -> (num_clips, 1, num_mel_bins, target_length)."""
+    """Encoded audio -> (total_clips, 1, num_mel_bins, target_length)."""
     config = config or AudioPreprocessConfig()
     waveform, sample_rate = decode_audio(src, max_seconds=config.max_seconds)
     return audio_to_fbank_clips(waveform, sample_rate, config, train=train, generator=generator)
@@ -412,22 +485,43 @@ def image_transform(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """RGB PIL image -> (3, image_size, image_size) float32, normalised.
 
-    Training: RandomResizedCrop (area `train_scale`, bicubic). Inference: bicubic resize of the
-    whole image to image_size x image_size, as BLIP-2's eval processor does: a center crop would
-    cut off whatever lies near the long side's ends of a non-square image (and so the entities the
-    model is asked to find).
+    Training: RandomResizedCrop (area `train_scale`, bicubic). Inference with
+    `eval_resize="center_crop"`: bicubic resize of the short side to image_size, then a centre crop,
+    as the reference's `imagebind_vision_eval` processor (imagebind_vision_processor.py:124-133,
+    named by eval_configs/mmgpt4_eval.yaml:33); `"squash"`: bicubic resize of the whole image to
+    image_size x image_size, which keeps what lies near the long side's ends of a non-square image.
     """
     config = config or ImagePreprocessConfig()
     size = config.image_size
-    bicubic = transforms.InterpolationMode.BICUBIC
     if train:
+        # Imported here: torchvision's import costs 1-1.5 s of CPU (it pulls in torch._dynamo), which
+        # every data-preparation actor and Serve replica would pay for the eval path below.
+        from torchvision import transforms
+
+        bicubic = transforms.InterpolationMode.BICUBIC
         crop = transforms.RandomResizedCrop(size, scale=config.train_scale, interpolation=bicubic)
-        geometry = [crop]
-    else:
-        geometry = [transforms.Resize((size, size), interpolation=bicubic)]
-    return transforms.Compose(
-        [*geometry, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
-    )
+        return transforms.Compose([crop, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)])
+    mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+    center_crop = config.eval_resize == "center_crop"
+
+    def eval_transform(image: Image.Image) -> torch.Tensor:
+        # What torchvision's Resize(size) + CenterCrop(size), or Resize((size, size)), with BICUBIC,
+        # then ToTensor + Normalize do to an RGB PIL image, op for op (tests/test_prepare.py checks
+        # that they are bit-identical).
+        if center_crop:
+            width, height = image.size
+            short, long = min(width, height), max(width, height)
+            long = int(size * long / short)  # torchvision's rounding of the long side
+            image = image.resize((size, long) if width <= height else (long, size), Image.Resampling.BICUBIC)
+            top, left = int(round((image.height - size) / 2.0)), int(round((image.width - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        else:
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
+
+    return eval_transform
 
 
 def load_image(

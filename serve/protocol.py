@@ -1,16 +1,16 @@
-"""The HTTP API's shapes: parsing request bodies into a `ChatRequest`, and building responses.
+"""The HTTP API's shapes: request bodies into a `ChatRequest`, and the responses.
 
-Pure Python (no Ray, no FastAPI): every function here is testable on its own. Two request formats:
+    POST /v1/chat               `ChatBody` (serve/schemas.py): message, history, image, audio,
+                                max_new_tokens, temperature, top_p, stop, seed (JSON, or a form with
+                                the media as files)
+    POST /v1/chat/completions   `ChatCompletionRequest`: OpenAI chat completions, messages with
+                                content parts `text`, `image_url` (data URL) and `input_audio`
 
-    POST /v1/chat               {"message", "history": [{"role", "content"}], "image": base64,
-                                 "audio": base64, "max_new_tokens", "temperature", "top_p"}
-                                (or the same fields as multipart/form-data, media as files)
-    POST /v1/chat/completions   OpenAI chat completions: messages with content parts `text`,
-                                `image_url` (data URL) and `input_audio` (base64 + format)
-
-Both end in the same `ChatRequest`: text turns, at most one image and one audio (the model has one
-slot per modality), and sampling settings. Anything unusable raises `APIError`, a `ValueError` whose
-status is a 4xx and whose message names the field and the problem.
+The schemas check types and ranges; this module checks what depends on the server's settings (the
+token limit, the message count, the media URL allow-list) and the prompt format's reserved markers,
+decodes base64, and builds the same `ChatRequest` from both: text turns, at most one image and one
+audio (the model has one slot per modality), sampling settings. Anything unusable raises `APIError`
+(a 4xx whose message names the field and the problem).
 """
 
 from __future__ import annotations
@@ -27,40 +27,14 @@ from urllib.parse import urlsplit
 
 from bubogpt.conversation import MARKUP, SLOT_MARKER, Conversation
 
+from serve.errors import APIError, bad_request
+from serve.schemas import ChatBody, ChatCompletionRequest, ContentPart, validate
 from serve.settings import ServeSettings
 
 # Strings that carry structure in the prompt format. User text keeps them as text anyway (only
 # structure creates a modality slot), but a client sending them is either confused or probing, so
 # they are refused with a message that names them. "###" ends a turn: it would let text forge one.
 RESERVED_MARKERS = (SLOT_MARKER, *(tag for pair in MARKUP.values() for tag in pair), Conversation.sep)
-AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
-
-
-class APIError(ValueError):
-    """A request the server refuses; `status` is the HTTP status, `param` the offending field."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.kind = kind
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        """OpenAI's error shape, which the official client turns into an exception with this message."""
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
-
-
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param)
 
 
 @dataclass(frozen=True)
@@ -92,7 +66,10 @@ class ChatRequest:
     max_new_tokens: int = 300
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 0.9
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (finish_reason "stop")
+    seed: int | None = None  # same seed and request -> the same sample
     stream: bool = False
+    include_usage: bool = False  # streaming: a last chunk with `choices: []` and the usage
 
     @property
     def do_sample(self) -> bool:
@@ -110,13 +87,11 @@ class ChatRequest:
 
 
 # --------------------------------------------------------------------------------------------------
-# Field checks shared by both formats
+# Checks shared by both formats
 # --------------------------------------------------------------------------------------------------
 
 
-def check_text(text: Any, param: str, allow_empty: bool = True) -> str:
-    if not isinstance(text, str):
-        raise bad_request(f"{param} must be a string, got {type(text).__name__}", param)
+def check_text(text: str, param: str) -> str:
     for marker in RESERVED_MARKERS:
         if marker in text:
             raise bad_request(
@@ -124,14 +99,10 @@ def check_text(text: Any, param: str, allow_empty: bool = True) -> str:
                 "and turns in separate messages",
                 param,
             )
-    if not allow_empty and not text.strip():
-        raise bad_request(f"{param} is empty", param)
     return text
 
 
-def decode_base64(value: Any, param: str) -> bytes:
-    if not isinstance(value, str):
-        raise bad_request(f"{param} must be a base64 string, got {type(value).__name__}", param)
+def decode_base64(value: str, param: str) -> bytes:
     try:
         data = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError) as err:
@@ -139,133 +110,6 @@ def decode_base64(value: Any, param: str) -> bytes:
     if not data:
         raise bad_request(f"{param} is empty (0 bytes)", param)
     return data
-
-
-def parse_int(value: Any, param: str, low: int, high: int) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise bad_request(f"{param} must be an integer, got {value!r}", param) from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"{param} must be an integer, got {value!r}", param)
-    if not low <= value <= high:
-        raise bad_request(f"{param} must be between {low} and {high}, got {value}", param)
-    return value
-
-
-def parse_float(value: Any, param: str, low: float, high: float, low_open: bool = False) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise bad_request(f"{param} must be a number, got {value!r}", param) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise bad_request(f"{param} must be a number, got {value!r}", param)
-    if value > high or value < low or (low_open and value == low):
-        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise bad_request(f"{param} must be in {interval}, got {value}", param)
-    return float(value)
-
-
-def sampling_fields(data: dict[str, Any], settings: ServeSettings, max_tokens_names: tuple[str, ...]) -> dict:
-    """max_new_tokens / temperature / top_p with their limits and the reference's defaults."""
-    fields: dict[str, Any] = {}
-    for name in max_tokens_names:
-        if data.get(name) is not None:
-            fields["max_new_tokens"] = parse_int(data[name], name, 1, settings.max_new_tokens)
-    fields.setdefault("max_new_tokens", settings.default_max_new_tokens)
-    if data.get("temperature") is not None:
-        fields["temperature"] = parse_float(data["temperature"], "temperature", 0.0, 2.0)
-    if data.get("top_p") is not None:
-        fields["top_p"] = parse_float(data["top_p"], "top_p", 0.0, 1.0, low_open=True)
-    return fields
-
-
-def parse_history(history: Any, settings: ServeSettings) -> list[Message]:
-    if isinstance(history, str):
-        try:
-            history = json.loads(history) if history.strip() else []
-        except json.JSONDecodeError as err:
-            raise bad_request(f"history is not valid JSON: {err}", "history") from err
-    if history is None:
-        return []
-    if not isinstance(history, list):
-        raise bad_request("history must be a list of {role, content} objects", "history")
-    if len(history) + 1 > settings.max_messages:
-        limit = settings.max_messages - 1
-        raise bad_request(f"history has {len(history)} messages; at most {limit} are allowed", "history")
-    messages = []
-    for i, item in enumerate(history):
-        param = f"history[{i}]"
-        if not isinstance(item, dict) or set(item) - {"role", "content"} or "content" not in item:
-            raise bad_request(f"{param} must be an object with 'role' and 'content' only", param)
-        role = item.get("role")
-        if role not in ("user", "assistant"):
-            raise bad_request(f"{param}.role must be 'user' or 'assistant', got {role!r}", f"{param}.role")
-        messages.append(Message(role, check_text(item["content"], f"{param}.content")))
-    return messages
-
-
-def attach_media_to_first_user_turn(messages: list[Message], image: Media | None, audio: Media | None) -> None:
-    """A chat is about one image and/or one audio: their slots open the first user turn."""
-    modalities = tuple(m for m, media in (("vision", image), ("audio", audio)) if media is not None)
-    first_user = next(m for m in messages if m.role == "user")
-    first_user.modalities = modalities
-
-
-# --------------------------------------------------------------------------------------------------
-# POST /v1/chat
-# --------------------------------------------------------------------------------------------------
-
-CHAT_FIELDS = ("message", "history", "image", "audio", "max_new_tokens", "temperature", "top_p")
-
-
-def parse_chat(fields: dict[str, Any], files: dict[str, bytes], settings: ServeSettings) -> ChatRequest:
-    """`fields`: JSON object or the form's text fields; `files`: the form's files (image, audio).
-
-    In JSON the media are base64 strings (or data URLs) in `image` / `audio`; in a form they are files.
-    """
-    unknown = sorted(set(fields) - set(CHAT_FIELDS)) + sorted(set(files) - {"image", "audio"})
-    if unknown:
-        raise bad_request(f"unknown field(s) {unknown}; expected some of {list(CHAT_FIELDS)}", unknown[0])
-    overlap = sorted(set(fields) & set(files))
-    if overlap:
-        raise bad_request(f"{overlap[0]} was sent both as a file and as a field", overlap[0])
-    if "message" not in fields:
-        raise bad_request("message is required", "message")
-    messages = parse_history(fields.get("history"), settings)
-    messages.append(Message("user", check_text(fields["message"], "message")))
-    media: dict[str, Media | None] = {}
-    for name in ("image", "audio"):
-        if name in files:
-            if not files[name]:
-                raise bad_request(f"{name} is empty (0 bytes)", name)
-            media[name] = Media.of(files[name])
-        elif isinstance(fields.get(name), str) and fields[name].startswith("data:"):
-            media[name] = Media.of(parse_data_url(fields[name], name, "image" if name == "image" else "audio"))
-        elif fields.get(name) not in (None, ""):
-            media[name] = Media.of(decode_base64(fields[name], name))
-        else:
-            media[name] = None
-    if not messages[-1].text.strip() and media["image"] is None and media["audio"] is None:
-        raise bad_request("message is empty and no image or audio was sent", "message")
-    attach_media_to_first_user_turn(messages, media["image"], media["audio"])
-    return ChatRequest(
-        messages=messages,
-        image=media["image"],
-        audio=media["audio"],
-        **sampling_fields(fields, settings, ("max_new_tokens",)),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# POST /v1/chat/completions (OpenAI)
-# --------------------------------------------------------------------------------------------------
-
-UNSUPPORTED_COMPLETION_FIELDS = (
-    "tools", "functions", "tool_choice", "function_call", "logprobs", "audio", "modalities",
-)  # fmt: skip
 
 
 def parse_data_url(url: str, param: str, wanted_type: str) -> bytes:
@@ -279,6 +123,72 @@ def parse_data_url(url: str, param: str, wanted_type: str) -> bytes:
     if "base64" not in options:
         raise bad_request(f"{param} must be base64-encoded (data:{media_type};base64,...)", param)
     return decode_base64(payload, param)
+
+
+def sampling(request: ChatBody | ChatCompletionRequest, max_new_tokens: int | None, max_tokens_name: str,
+             settings: ServeSettings) -> dict[str, Any]:  # fmt: skip
+    """Generation settings with the server's limit and the reference's defaults."""
+    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens:
+        raise bad_request(f"{max_tokens_name} must be between 1 and {settings.max_new_tokens}, got {max_new_tokens}",
+                          max_tokens_name)  # fmt: skip
+    fields: dict[str, Any] = {"max_new_tokens": max_new_tokens or settings.default_max_new_tokens,
+                              "stop": tuple(request.stop), "seed": request.seed}  # fmt: skip
+    if request.temperature is not None:
+        fields["temperature"] = request.temperature
+    if request.top_p is not None:
+        fields["top_p"] = request.top_p
+    return fields
+
+
+def attach_media_to_first_user_turn(messages: list[Message], image: Media | None, audio: Media | None) -> None:
+    """A chat is about one image and/or one audio: their slots open the first user turn."""
+    modalities = tuple(m for m, media in (("vision", image), ("audio", audio)) if media is not None)
+    first_user = next(m for m in messages if m.role == "user")
+    first_user.modalities = modalities
+
+
+# --------------------------------------------------------------------------------------------------
+# POST /v1/chat
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_chat(fields: dict[str, Any], files: dict[str, bytes], settings: ServeSettings) -> ChatRequest:
+    """`fields`: the JSON object or the form's text fields; `files`: the form's files (image, audio)."""
+    unknown_files = sorted(set(files) - {"image", "audio"})
+    if unknown_files:
+        raise bad_request(f"unknown field {unknown_files[0]!r}", unknown_files[0])
+    overlap = sorted(set(fields) & set(files))
+    if overlap:
+        raise bad_request(f"{overlap[0]} was sent both as a file and as a field", overlap[0])
+    body = validate(ChatBody, fields, strict=False)  # a form's numbers arrive as text
+    if len(body.history) + 1 > settings.max_messages:
+        limit = settings.max_messages - 1
+        raise bad_request(f"history has {len(body.history)} messages; at most {limit} are allowed", "history")
+    messages = [Message(m.role, check_text(m.content, f"history[{i}].content")) for i, m in enumerate(body.history)]
+    messages.append(Message("user", check_text(body.message, "message")))
+    media: dict[str, Media | None] = {}
+    for name in ("image", "audio"):
+        value = getattr(body, name)
+        if name in files:
+            if not files[name]:
+                raise bad_request(f"{name} is empty (0 bytes)", name)
+            media[name] = Media.of(files[name])
+        elif value and value.startswith("data:"):
+            media[name] = Media.of(parse_data_url(value, name, "image" if name == "image" else "audio"))
+        elif value:
+            media[name] = Media.of(decode_base64(value, name))
+        else:
+            media[name] = None
+    if not messages[-1].text.strip() and media["image"] is None and media["audio"] is None:
+        raise bad_request("message is empty and no image or audio was sent", "message")
+    attach_media_to_first_user_turn(messages, media["image"], media["audio"])
+    return ChatRequest(messages=messages, image=media["image"], audio=media["audio"],
+                       **sampling(body, body.max_new_tokens, "max_new_tokens", settings))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# POST /v1/chat/completions (OpenAI)
+# --------------------------------------------------------------------------------------------------
 
 
 def url_is_allowed(url: str, allowed_prefixes: list[str]) -> bool:
@@ -299,117 +209,78 @@ def url_is_allowed(url: str, allowed_prefixes: list[str]) -> bool:
     return False
 
 
-def parse_image_part(part: dict, param: str, settings: ServeSettings) -> tuple[Media | None, str | None]:
-    image_url = part.get("image_url")
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"{param}.image_url.url must be a non-empty string", f"{param}.image_url")
+def parse_image_part(part: ContentPart, param: str, settings: ServeSettings) -> tuple[Media | None, str | None]:
+    """An image part -> (the image, None), or (None, an allow-listed URL for the ingress to fetch)."""
+    url, param = part.image_url.url, f"{param}.image_url"
+    if not url:
+        raise bad_request(f"{param}.url must not be empty", param)
     if url.startswith("data:"):
-        return Media.of(parse_data_url(url, f"{param}.image_url", "image")), None
+        return Media.of(parse_data_url(url, param, "image")), None
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme in ("http", "https") and url_is_allowed(url, settings.allowed_media_url_prefixes):
         return None, url
     if scheme in ("http", "https"):
-        raise APIError(
-            400,
-            f"{param}.image_url is a remote URL, which this server does not fetch (not on its allow-list); "
+        raise bad_request(
+            f"{param} is a remote URL, which this server does not fetch (not on its allow-list); "
             "send the image inline as a data URL (data:image/png;base64,...)",
-            f"{param}.image_url",
-            kind="invalid_request_error",
+            param,
         )
-    raise bad_request(f"{param}.image_url must be a data URL (or an allow-listed http(s) URL)", f"{param}.image_url")
-
-
-def parse_audio_part(part: dict, param: str) -> Media:
-    audio = part.get("input_audio")
-    if not isinstance(audio, dict) or "data" not in audio:
-        raise bad_request(f"{param}.input_audio must be an object with 'data' (base64) and 'format'", param)
-    audio_format = audio.get("format", "wav")
-    if audio_format not in AUDIO_FORMATS:
-        raise bad_request(f"{param}.input_audio.format {audio_format!r} is not one of {list(AUDIO_FORMATS)}", param)
-    return Media.of(decode_base64(audio["data"], f"{param}.input_audio.data"))
+    raise bad_request(f"{param} must be a data URL (or an allow-listed http(s) URL)", param)
 
 
 def parse_completion(body: Any, settings: ServeSettings, model_name: str) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}", "model",
+    request = validate(ChatCompletionRequest, body, strict=True)  # JSON: no numbers as text
+    if request.model is not None and request.model != model_name:
+        raise APIError(404, f"model {request.model!r} does not exist; this server serves {model_name!r}", "model",
                        kind="not_found_error")  # fmt: skip
-    for name in UNSUPPORTED_COMPLETION_FIELDS:
-        if body.get(name) not in (None, False, [], "none"):
-            raise bad_request(f"{name} is not supported by this server", name)
-    if body.get("n") not in (None, 1):
-        raise bad_request(f"n must be 1, got {body.get('n')!r}", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request(f"stream must be true or false, got {stream!r}", "stream")
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise bad_request("messages must be a non-empty list", "messages")
-    if len(raw_messages) > settings.max_messages:
-        raise bad_request(f"{len(raw_messages)} messages; at most {settings.max_messages} are allowed", "messages")
+    if len(request.messages) > settings.max_messages:
+        raise bad_request(f"{len(request.messages)} messages; at most {settings.max_messages} are allowed", "messages")
+    if request.max_tokens is not None and request.max_completion_tokens is not None:
+        raise bad_request("send max_tokens or max_completion_tokens, not both", "max_tokens")
+    max_tokens_name = "max_tokens" if request.max_tokens is not None else "max_completion_tokens"
 
     system_texts: list[str] = []
     messages: list[Message] = []
-    image = audio = None
-    image_url = None
-    for i, raw in enumerate(raw_messages):
-        param = f"messages[{i}]"
-        if not isinstance(raw, dict):
-            raise bad_request(f"{param} must be an object", param)
-        role = raw.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad_request(f"{param}.role must be system, user or assistant, got {role!r}", f"{param}.role")
-        content = raw.get("content")
-        if content is None:
-            content = ""
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list):
-            raise bad_request(f"{param}.content must be a string or a list of content parts", f"{param}.content")
+    image = audio = image_url = None
+    for i, message in enumerate(request.messages):
         texts: list[str] = []
         modalities: list[str] = []
-        for j, part in enumerate(parts):
-            part_param = f"{param}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(check_text(part.get("text"), f"{part_param}.text"))
+        for j, part in enumerate(message.content):
+            param = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                texts.append(check_text(part.text, f"{param}.text"))
                 continue
-            if kind not in ("image_url", "input_audio"):
-                raise bad_request(
-                    f"{part_param} has unknown content part type {kind!r}; supported: text, image_url, input_audio",
-                    f"{part_param}.type",
-                )
-            if role != "user":
-                raise bad_request(f"{part_param}: only user messages may carry {kind}", part_param)
-            if kind == "image_url":
+            if message.role != "user":
+                raise bad_request(f"{param}: only user messages may carry {part.type}", param)
+            if part.type == "image_url":
                 if image is not None or image_url is not None:
-                    raise bad_request(f"{part_param}: at most one image per conversation (one image slot)", part_param)
-                image, image_url = parse_image_part(part, part_param, settings)
+                    raise bad_request(f"{param}: at most one image per conversation (one image slot)", param)
+                image, image_url = parse_image_part(part, param, settings)
                 modalities.append("vision")
             else:
                 if audio is not None:
-                    raise bad_request(f"{part_param}: at most one audio per conversation (one audio slot)", part_param)
-                audio = parse_audio_part(part, part_param)
+                    raise bad_request(f"{param}: at most one audio per conversation (one audio slot)", param)
+                audio = Media.of(decode_base64(part.input_audio.data, f"{param}.input_audio.data"))
                 modalities.append("audio")
         text = " ".join(t for t in texts if t)
-        if role in ("system", "developer"):
+        if message.role in ("system", "developer"):
             system_texts.append(text)
         else:
-            messages.append(Message(role, text, tuple(modalities)))
+            messages.append(Message(message.role, text, tuple(modalities)))
     if not messages or messages[-1].role != "user":
         raise bad_request("the last message must come from the user", "messages")
     if not messages[-1].text.strip() and not messages[-1].modalities:
-        raise bad_request(f"messages[{len(raw_messages) - 1}] has no text and no media", "messages")
+        raise bad_request(f"messages[{len(request.messages) - 1}] has no text and no media", "messages")
+    max_new_tokens = request.max_tokens if request.max_tokens is not None else request.max_completion_tokens
     return ChatRequest(
         messages=messages,
         system=" ".join(system_texts) if system_texts else None,
         image=image,
         audio=audio,
         image_url=image_url,
-        stream=stream,
-        **sampling_fields(body, settings, ("max_tokens", "max_completion_tokens")),
+        stream=request.stream,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        **sampling(request, max_new_tokens, max_tokens_name, settings),
     )
 
 
@@ -520,6 +391,12 @@ def completion_chunk(chunk_id: str, created: int, model: str, delta: dict, finis
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         **extra,
     }
+
+
+def usage_chunk(chunk_id: str, created: int, model: str, completion: Completion) -> dict:
+    """The last chunk of a stream asked for with `stream_options.include_usage` (OpenAI's shape)."""
+    return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage(completion)}  # fmt: skip
 
 
 def sse_event(payload: dict | str) -> bytes:

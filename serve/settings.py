@@ -23,7 +23,7 @@ class ServeSettings:
     grounding_dir: str | None = None  # grounding models; None = the tiny assets shipped in bubogpt/assets
     model_name: str | None = None  # the id `/v1/models` reports; None = "bubogpt-<preset>"
     device: str = "auto"  # "auto" (cuda when a GPU is assigned), "cpu" or "cuda"
-    dtype: str = "float32"  # "float16" / "bfloat16" for the 7B/13B presets on GPUs
+    dtype: str = "auto"  # "auto": the model's frozen_dtype (7B/13B: bf16 LLM and encoders on a GPU); or one for all
     torch_threads: int = 1  # per replica: a CPU replica owns about one core
 
     # -- request limits --------------------------------------------------------------------------
@@ -46,7 +46,6 @@ class ServeSettings:
 
     # -- batching and caches ---------------------------------------------------------------------
     llm_max_batch_size: int = 8
-    llm_batch_wait_s: float = 0.05
     grounding_max_batch_size: int = 4
     grounding_batch_wait_s: float = 0.02
     encoder_cache_entries: int = 256  # frozen-encoder outputs, keyed by the media's sha256
@@ -63,7 +62,7 @@ class ServeSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("llm_batch_wait_s", "grounding_batch_wait_s", "encoder_cache_entries", "grounding_cache_entries"):
+        for name in ("grounding_batch_wait_s", "encoder_cache_entries", "grounding_cache_entries"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.default_max_new_tokens > self.max_new_tokens:
@@ -72,8 +71,8 @@ class ServeSettings:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise SettingsError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise SettingsError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         for prefix in self.allowed_media_url_prefixes:
             if not prefix.startswith(("http://", "https://")):
                 raise SettingsError(f"allowed_media_url_prefixes entry {prefix!r} is not an http(s) URL")

@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: a tiny model directory, test media, and the running application.
+"""Helpers for the serving tests: a tiny model directory, test media, the answers of the model library
+called directly (what the server must equal), and the running application.
 
 The application is started ONCE per test session (the `serve_app` fixture in conftest.py) on a
 loopback port, with the deployment options of serve/config.yaml except: one replica each (no
@@ -10,6 +11,7 @@ session's Ray), a fast health check (the fault test waits for a restart), and a 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import http.server
 import io
@@ -22,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import soundfile
 import torch
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +197,66 @@ def data_url(data: bytes, media_type: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Independent answers: the model library and the grounding pipeline called directly
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_answer(model, turns, image=None, audio=None, max_new_tokens=12):
+    """What the model library itself answers (no serving code): turns: [(role, text)], the media
+    opening the first user turn. Greedy, like temperature 0. Returns (answer, prompt tokens)."""
+    from bubogpt.conversation import Conversation
+    from bubogpt.preprocess import (AudioPreprocessConfig, ImagePreprocessConfig, decode_image, image_transform,
+                                    load_audio_fbank)
+
+    conversation = Conversation()
+    modalities = [m for m, media in (("vision", image), ("audio", audio)) if media is not None]
+    for i, (role, text) in enumerate(turns):
+        if role == "user":
+            conversation.add_user(text, modalities if i == 0 else ())
+        else:
+            conversation.add_assistant(text)
+    pixels = fbank = None
+    if image is not None:
+        pixels = image_transform(ImagePreprocessConfig.for_model(model.config))(decode_image(image))[None]
+    if audio is not None:
+        fbank = load_audio_fbank(audio, AudioPreprocessConfig.for_model(model.config))[None]
+    prompt = conversation.render()
+    with torch.no_grad():
+        answer = model.generate([prompt], audio=fbank, image=pixels, max_new_tokens=max_new_tokens, do_sample=False)[0]
+        embeds = model.embed_modalities(audio=fbank, image=pixels)
+        prompt_tokens = model.assemble([prompt], embeds, padding_side="left").inputs_embeds.shape[1]
+    return answer, prompt_tokens
+
+
+def check_grounding(body, image, pipeline):
+    """Entities equal the pipeline's own for the decoded image (up to float noise between processes),
+    masks decode to the image size, the PNG is the pipeline's drawing, spans are its matches."""
+    from bubogpt.grounding.result import Entity, annotate_image, decode_mask
+    from bubogpt.preprocess import decode_image
+
+    decoded = decode_image(image)
+    expected = pipeline.ground_image(decoded)
+    served = [Entity(**e) for e in body["entities"]]
+    assert [(e.id, e.label, e.colour, e.attributes, len(e.boxes)) for e in served] == [
+        (e.id, e.label, e.colour, e.attributes, len(e.boxes)) for e in expected
+    ]
+    for got, want in zip(served, expected):
+        assert got.score == pytest.approx(want.score, abs=2e-3)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=0.5)
+        for got_rle, want_rle in zip(got.masks, want.masks):
+            got_mask, want_mask = decode_mask(got_rle), decode_mask(want_rle)
+            assert got_mask.shape == (decoded.height, decoded.width)
+            assert (got_mask & want_mask).sum() >= 0.98 * (got_mask | want_mask).sum()
+    annotated = Image.open(io.BytesIO(base64.b64decode(body["annotated_image"])))
+    assert annotated.format == "PNG" and annotated.size == decoded.size
+    drawn = np.asarray(annotate_image(decoded, served), dtype=np.int16)
+    assert np.abs(np.asarray(annotated.convert("RGB"), dtype=np.int16) - drawn).max() == 0
+    assert body["spans"] == [dataclasses.asdict(span) for span in pipeline.match(body["answer"], served)]
+    for span in body["spans"]:
+        assert body["answer"][span["start"]:span["end"]] == span["text"]
+
+
+# --------------------------------------------------------------------------------------------------
 # The application
 # --------------------------------------------------------------------------------------------------
 
@@ -220,16 +282,15 @@ def start_media_server(directory: Path) -> tuple[http.server.ThreadingHTTPServer
 
 def deployment_options_for_tests() -> dict[str, dict]:
     """serve/config.yaml's per-deployment options, with the test changes named in the docstring."""
-    app = yaml.safe_load(CONFIG_YAML.read_text())["applications"][0]
-    options = {}
-    for deployment in app["deployments"]:
-        name = deployment.pop("name")
+    from serve.local import deployment_options
+
+    options = deployment_options(CONFIG_YAML)
+    for deployment in options.values():
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
         deployment["ray_actor_options"] = {**deployment.get("ray_actor_options", {}), "num_cpus": 0}
         deployment["health_check_period_s"] = 1
         deployment["graceful_shutdown_timeout_s"] = 2
-        options[name] = deployment
     options["LLM"] |= {"max_ongoing_requests": LLM_ONGOING, "max_queued_requests": LLM_QUEUED}
     return options
 
@@ -303,7 +364,6 @@ def start_app(workdir: Path, model_dir: Path | None = None) -> tuple[RunningApp,
         default_max_new_tokens=16,
         request_timeout_s=60.0,
         llm_max_batch_size=8,
-        llm_batch_wait_s=0.05,
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

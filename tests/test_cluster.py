@@ -29,7 +29,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
+KUBERAY_GPU = CLUSTER / "kuberay-gpu"  # the overlay with serve/config.gpu.yaml
+MONITORING = CLUSTER / "monitoring"  # PodMonitor + Grafana dashboard
 SERVE_CONFIG = REPO / "serve" / "config.yaml"
+SERVE_GPU_CONFIG = REPO / "serve" / "config.gpu.yaml"
+GRAFANA_DASHBOARD = CLUSTER / "grafana" / "bubogpt-serving.json"
 AWS_CONFIG = CLUSTER / "aws" / "bubogpt.yaml"
 PROJECT_IMAGE = "ghcr.io/OWNER/bubogpt-ray"  # the image name the manifests use (kustomize `images`)
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -48,6 +52,14 @@ RAYJOB_SPEC_REQUIRED = ("entrypoint",)
 # RayService: serveConfigV2 and rayClusterConfig are optional in the CRD, but a RayService without
 # them deploys nothing; KubeRay's validation requires a head group in rayClusterConfig.
 RAYSERVICE_SPEC_REQUIRED = ("serveConfigV2", "rayClusterConfig")
+# RayClusterSpec.authOptions and .gcsFaultToleranceOptions (raycluster_types.go, KubeRay 1.6): the
+# fields and the enum; KubeRay refuses a Redis password given both here and in rayStartParams.
+AUTH_OPTIONS_FIELDS = {"mode", "secretName", "enableK8sTokenAuth"}
+AUTH_MODES = ("disabled", "token")
+RAY_AUTH_TOKEN_SECRET_KEY = "auth_token"  # utils.RAY_AUTH_TOKEN_SECRET_KEY: the key KubeRay reads
+GCS_FT_FIELDS = {"backend", "redisUsername", "redisPassword", "externalStorageNamespace", "redisAddress", "storage"}
+# Prometheus Operator (monitoring.coreos.com/v1 PodMonitor): what our PodMonitor uses.
+PODMONITOR_SPEC_REQUIRED = ("selector", "podMetricsEndpoints")
 # Kubernetes core/v1 and apps/v1 (embedded in the CRDs above as PodTemplateSpec):
 POD_SPEC_REQUIRED = ("containers",)
 CONTAINER_REQUIRED = ("name",)
@@ -84,14 +96,22 @@ def kustomize_build(folder: Path) -> list[dict[str, Any]]:
 
     objects: list[dict[str, Any]] = []
     for resource in kustomization.get("resources", []):
-        objects += [doc for doc in yaml.safe_load_all((folder / resource).read_text()) if doc]
+        if (folder / resource).is_dir():  # a base: built first, its own transformations included
+            objects += kustomize_build((folder / resource).resolve())
+        else:
+            objects += [doc for doc in yaml.safe_load_all((folder / resource).read_text()) if doc]
     for generator in kustomization.get("configMapGenerator", []):
-        assert generator.get("options", {}).get("disableNameSuffixHash"), "name hashes are not emulated"
+        options = generator.get("options", {})
+        assert options.get("disableNameSuffixHash"), "name hashes are not emulated"
         data = {}
         for entry in generator["files"]:
             key, _, path = entry.rpartition("=")
             data[key or Path(path).name] = (folder / path).read_text()
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data})
+        if generator.get("behavior", "create") == "replace":
+            find_object(objects, "ConfigMap", generator["name"])["data"] = data
+            continue
+        metadata = {"name": generator["name"], **({"labels": options["labels"]} if "labels" in options else {})}
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
     for image in kustomization.get("images", []):
         for obj in objects:
             for container in iter_containers(obj):
@@ -182,6 +202,16 @@ def rendered() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
+def rendered_gpu() -> list[dict[str, Any]]:
+    return kustomize_build(KUBERAY_GPU)
+
+
+@pytest.fixture(scope="module")
+def rendered_monitoring() -> list[dict[str, Any]]:
+    return kustomize_build(MONITORING)
+
+
+@pytest.fixture(scope="module")
 def job_manifests() -> dict[str, dict[str, Any]]:
     jobs = {}
     for path in sorted((KUBERAY / "jobs").glob("*.yaml")):
@@ -226,24 +256,28 @@ def test_rayservice_embeds_serve_config_verbatim(rendered):
     assert copies == [], f"copies of the Serve config: {copies}"
 
 
-def test_real_kustomize_build_matches(rendered):
+@pytest.mark.parametrize("folder", [KUBERAY, KUBERAY_GPU, MONITORING], ids=lambda f: f.name)
+def test_real_kustomize_build_matches(folder):
     """Where kustomize (or kubectl's built-in one) is installed, its build agrees with ours."""
     if shutil.which("kustomize"):
-        command = ["kustomize", "build", "--load-restrictor", "LoadRestrictionsNone", str(KUBERAY)]
+        command = ["kustomize", "build", "--load-restrictor", "LoadRestrictionsNone", str(folder)]
     elif shutil.which("kubectl"):
-        command = ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(KUBERAY)]
+        command = ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(folder)]
     else:
         pytest.skip("neither kustomize nor kubectl is installed")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     real = [d for d in yaml.safe_load_all(result.stdout) if d]
+    rendered = kustomize_build(folder)
     key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
     assert sorted(map(key, real)) == sorted(map(key, rendered))
     for obj in real:
         ours = find_object(rendered, *key(obj))
         assert obj.get("metadata", {}).get("namespace") == ours["metadata"].get("namespace"), key(obj)
+        assert obj.get("metadata", {}).get("labels") == ours["metadata"].get("labels"), key(obj)
         assert sorted(c["image"] for c in iter_containers(obj)) == sorted(c["image"] for c in iter_containers(ours))
-    assert find_object(real, "RayService", "bubogpt")["spec"]["serveConfigV2"] == SERVE_CONFIG.read_text()
+        if obj["kind"] in ("RayService", "ConfigMap"):
+            assert obj.get("spec", obj.get("data")) == ours.get("spec", ours.get("data")), key(obj)
 
 
 def test_serve_config_is_a_valid_ray_serve_config():
@@ -435,7 +469,7 @@ def test_service_names_do_not_collide(rendered):
     created = [f"{o['metadata']['name']}-head-svc" for o in rendered if o["kind"] in ("RayCluster", "RayService")]
     created += [f"{o['metadata']['name']}-serve-svc" for o in rendered if o["kind"] == "RayService"]
     created += [o["metadata"]["name"] for o in rendered if o["kind"] == "Service"]
-    assert len(created) == len(set(created)) == 5, created
+    assert len(created) == len(set(created)) == 6, created
 
 
 def test_services_select_their_pods(rendered):
@@ -455,16 +489,271 @@ def test_services_select_their_pods(rendered):
             assert port["targetPort"] in named_ports, f"{service['metadata']['name']}: no port {port['targetPort']}"
 
 
+# ------------------------------------------------------------------------------------------------
+# One source of deployment options; the GPU overlay; GCS fault tolerance; token auth; monitoring
+
+SERVE_SOURCES = [REPO / "serve" / name for name in ("llm.py", "grounding.py", "ingress.py")]
+# What serve/config.gpu.yaml may change in serve/config.yaml (each marked "GPU" in the file).
+GPU_VALUES = {
+    "args.model_dir", "args.device", "args.dtype", "args.torch_threads", "args.llm_max_batch_size",
+    "args.grounding_max_batch_size", "deployments.LLM.max_ongoing_requests",
+    *(f"deployments.{d}.{option}" for d in ("LLM", "Grounding", "Ingress")
+      for option in ("autoscaling_config.max_replicas", "ray_actor_options.num_cpus", "ray_actor_options.num_gpus")),
+}  # fmt: skip
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths of a Serve config's application; deployments are keyed by name."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        items = ((v["name"], {k: x for k, x in v.items() if k != "name"}) for v in value)
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat |= flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    return flat
+
+
+def test_deployment_options_come_only_from_the_serve_config():
+    """The deployment classes set no option but their name, and @serve.batch no batch size or wait
+    (the settings set those at start-up): nothing in code competes with serve/config.yaml."""
+    import ast
+
+    from serve.grounding import GroundingDeployment
+    from serve.ingress import ChatIngress
+    from serve.llm import LLMDeployment
+
+    for deployment in (LLMDeployment, GroundingDeployment, ChatIngress):
+        assert deployment._deployment_config.user_configured_option_names == {"name"}, deployment.name
+    configured = {d["name"] for d in yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["deployments"]}
+    assert configured == {"LLM", "Grounding", "Ingress"}
+    for path in SERVE_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("serve.deployment", "serve.batch"):
+                keywords = {k.arg for k in node.keywords}
+                allowed = {"name"} if ast.unparse(node.func) == "serve.deployment" else {"max_concurrent_batches"}
+                assert keywords <= allowed, f"{path.name}: {ast.unparse(node)} sets {keywords - allowed}"
+
+
+@pytest.mark.parametrize("path", [SERVE_CONFIG, SERVE_GPU_CONFIG], ids=lambda p: p.name)
+def test_scale_down_never_cuts_a_request(path):
+    """Serve waits graceful_shutdown_timeout_s for a stopping replica's requests: at least the time
+    a request may take (args.request_timeout_s; the ingress answers 504 after it)."""
+    app = yaml.safe_load(path.read_text())["applications"][0]
+    for deployment in app["deployments"]:
+        assert deployment["graceful_shutdown_timeout_s"] >= app["args"]["request_timeout_s"], deployment["name"]
+
+
+def test_gpu_serve_config_is_the_cpu_one_with_gpu_values():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.settings import ServeSettings
+
+    cpu, gpu = (yaml.safe_load(p.read_text()) for p in (SERVE_CONFIG, SERVE_GPU_CONFIG))
+    ServeDeploySchema.model_validate(gpu)
+    cpu_flat, gpu_flat = flatten(cpu["applications"][0]), flatten(gpu["applications"][0])
+    changed = {k for k in cpu_flat.keys() | gpu_flat.keys() if cpu_flat.get(k) != gpu_flat.get(k)}
+    assert changed <= GPU_VALUES, f"config.gpu.yaml differs beyond the GPU values: {changed - GPU_VALUES}"
+    assert {k: v for k, v in cpu.items() if k != "applications"} == {k: v for k, v in gpu.items() if k != "applications"}
+
+    app = gpu["applications"][0]
+    settings = ServeSettings.from_dict(app["args"])
+    assert (settings.device, settings.dtype) == ("cuda", "bfloat16")
+    assert settings.model_dir.startswith("/") or settings.model_dir.startswith("models:/")
+    cpu_args = cpu["applications"][0]["args"]
+    assert settings.llm_max_batch_size > cpu_args["llm_max_batch_size"]
+    assert settings.grounding_max_batch_size > cpu_args["grounding_max_batch_size"]
+    options = {d["name"]: d for d in app["deployments"]}
+    assert options["LLM"]["ray_actor_options"]["num_gpus"] >= 1
+    assert 0 < options["Grounding"]["ray_actor_options"]["num_gpus"] <= 1
+    assert "num_gpus" not in options["Ingress"]["ray_actor_options"]
+    # a replica's torch threads are the CPUs it reserves
+    assert settings.torch_threads == options["LLM"]["ray_actor_options"]["num_cpus"]
+    # LLM batches of llm_max_batch_size, several waiting while one generates
+    assert options["LLM"]["max_ongoing_requests"] >= 2 * settings.llm_max_batch_size
+
+
+def test_gpu_overlay_deploys_the_gpu_config_on_gpu_pods(rendered, rendered_gpu):
+    """kuberay-gpu = the base with serve/config.gpu.yaml in the RayService (nothing else changed);
+    the model path is on a volume the Ray pods mount, and the GPU group has room for every replica."""
+    gpu_text = SERVE_GPU_CONFIG.read_text()
+    service = find_object(rendered_gpu, "RayService", "bubogpt")
+    assert service["spec"]["serveConfigV2"] == gpu_text
+    assert find_object(rendered_gpu, "ConfigMap", "bubogpt-serve-config")["data"]["serveConfigV2"] == gpu_text
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, rendered_gpu)) == sorted(map(key, rendered))
+    for obj in rendered_gpu:
+        if key(obj) not in {("RayService", "bubogpt"), ("ConfigMap", "bubogpt-serve-config")}:
+            assert obj == find_object(rendered, *key(obj)), key(obj)
+    base_service = find_object(rendered, "RayService", "bubogpt")
+    assert {**service["spec"], "serveConfigV2": None} == {**base_service["spec"], "serveConfigV2": None}
+
+    app = yaml.safe_load(gpu_text)["applications"][0]
+    groups = check_ray_cluster_spec("RayService.rayClusterConfig", service["spec"]["rayClusterConfig"])
+    gpu_groups = [g for g in groups.values() if group_gpus(g) > 0]
+    for group in gpu_groups:
+        mounts = {m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        assert any(app["args"]["model_dir"].startswith(m.rstrip("/") + "/") for m in mounts), (app["args"], mounts)
+    needed = sum(d["autoscaling_config"]["max_replicas"] * d["ray_actor_options"].get("num_gpus", 0)
+                 for d in app["deployments"])  # fmt: skip
+    available = sum(group_gpus(g) * g["maxReplicas"] for g in gpu_groups)
+    assert 0 < needed <= available, f"the Serve config may ask for {needed} GPUs, the GPU group has {available}"
+    for d in app["deployments"]:
+        cpus, gpus = d["ray_actor_options"]["num_cpus"], d["ray_actor_options"].get("num_gpus", 0)
+        fits = [g for g in groups.values() if group_gpus(g) >= gpus and quantity(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) >= cpus]  # fmt: skip
+        assert fits, f"no worker group fits a {d['name']} replica ({cpus} CPUs, {gpus} GPUs)"
+
+
+def secret_refs(obj: Any) -> list[tuple[str, str]]:
+    """(Secret name, key) of every secretKeyRef anywhere in a manifest."""
+    if isinstance(obj, dict):
+        found = [(obj["secretKeyRef"]["name"], obj["secretKeyRef"]["key"])] if "secretKeyRef" in obj else []
+        return found + [ref for value in obj.values() for ref in secret_refs(value)]
+    if isinstance(obj, list):
+        return [ref for item in obj for ref in secret_refs(item)]
+    return []
+
+
+def test_rayservice_gcs_fault_tolerance_uses_the_redis_in_the_build(rendered):
+    cluster = find_object(rendered, "RayService", "bubogpt")["spec"]["rayClusterConfig"]
+    options = cluster["gcsFaultToleranceOptions"]
+    assert set(options) <= GCS_FT_FIELDS, set(options) - GCS_FT_FIELDS
+    assert options.get("backend", "redis") == "redis"
+    host, _, port = options["redisAddress"].partition(":")
+    redis_service = find_object(rendered, "Service", host)
+    assert int(port) in {p["port"] for p in redis_service["spec"]["ports"]}
+    # one password: the Secret Redis requires is the one the head is given
+    redis = find_object(rendered, "Deployment", host)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in redis["env"]}
+    assert options["redisPassword"]["valueFrom"] == env["REDIS_PASSWORD"]["valueFrom"]
+    args = redis["command"] + redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"  # expanded by Kubernetes
+    assert args[args.index("--appendonly") + 1] == "yes"  # a Redis restart keeps the GCS data ...
+    data_dir = args[args.index("--dir") + 1]
+    volume = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}[data_dir]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in find_object(rendered, "Deployment", host)["spec"]["template"]["spec"]["volumes"]}  # fmt: skip
+    find_object(rendered, "PersistentVolumeClaim", claims[volume])  # ... on a volume
+    # KubeRay refuses a Redis password both here and in rayStartParams; and the old annotation is not mixed in
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert not {"redis-password", "redis-username"} & set(group["rayStartParams"])
+    assert "ray.io/ft-enabled" not in find_object(rendered, "RayService", "bubogpt")["metadata"].get("annotations", {})
+
+
+def test_rayservice_token_auth_and_the_serve_api_key_from_secrets(rendered):
+    service = find_object(rendered, "RayService", "bubogpt")
+    auth = service["spec"]["rayClusterConfig"]["authOptions"]
+    assert set(auth) <= AUTH_OPTIONS_FIELDS and auth["mode"] == "token" and auth["mode"] in AUTH_MODES
+    import ray
+
+    assert tuple(map(int, ray.__version__.split(".")[:2])) >= (2, 52)  # Ray's token auth
+    # The Serve config requires a bearer token from the variable it names; every Ray container has
+    # that variable, from a Secret (a replica may land on any of them).
+    api_key_env = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["api_key_env"]
+    assert api_key_env
+    containers = list(iter_containers(service))
+    assert len(containers) >= 3
+    for container in containers:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "secretKeyRef" in env[api_key_env]["valueFrom"], container["name"]
+
+    # Every Secret the manifests read is created in cluster/README.md, with the key they read.
+    readme = (CLUSTER / "README.md").read_text()
+    created = {(name, key) for name, key in re.findall(r"create secret generic (\S+) --from-literal=([\w-]+)=", readme)}
+    wanted = {ref for obj in rendered for ref in secret_refs(obj)} | {(auth["secretName"], RAY_AUTH_TOKEN_SECRET_KEY)}
+    assert wanted <= created, f"Secrets the manifests read but cluster/README.md never creates: {wanted - created}"
+
+
+def exported_series() -> set[str]:
+    """The Prometheus names of serve/metrics.py's metrics: Counter x -> x_total; Histogram x ->
+    x_bucket / x_sum / x_count; Gauge x -> x (read from the source: the metrics need a Serve replica)."""
+    source = (REPO / "serve" / "metrics.py").read_text()
+    names = set()
+    for kind, name in re.findall(r'\b(Counter|Gauge|Histogram)\(\s*"(bubogpt_\w+)"', source):
+        names |= {"Counter": {f"{name}_total"}, "Gauge": {name},
+                  "Histogram": {f"{name}_bucket", f"{name}_sum", f"{name}_count"}}[kind]  # fmt: skip
+    return names
+
+
+def test_podmonitor_scrapes_every_serving_pod_and_renames_the_series(rendered, rendered_monitoring):
+    monitor = find_object(rendered_monitoring, "PodMonitor", "bubogpt-serve")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert not missing(spec, PODMONITOR_SPEC_REQUIRED)
+    service = find_object(rendered, "RayService", "bubogpt")
+    assert spec["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
+    selector = spec["selector"]["matchLabels"]
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    ports = {endpoint["port"] for endpoint in spec["podMetricsEndpoints"]}
+    for template in templates:  # every serving pod is selected, and has the port
+        assert selector.items() <= template["metadata"]["labels"].items()
+        for container in template["spec"]["containers"]:
+            assert ports <= {p.get("name") for p in container.get("ports", [])}, container["name"]
+    for obj in rendered:  # and nothing else (the jobs cluster, MLflow, Redis)
+        if obj is not service:
+            for template in _templates(obj):
+                assert not selector.items() <= template.get("metadata", {}).get("labels", {}).items(), obj["metadata"]
+    # ray_bubogpt_* (Ray's exporter) -> bubogpt_* (what the dashboard uses); Ray's own series untouched
+    rules = [r for endpoint in spec["podMetricsEndpoints"] for r in endpoint.get("metricRelabelings", [])]
+    rename = next(r for r in rules if r["targetLabel"] == "__name__")
+
+    def stored(name: str) -> str:
+        match = re.fullmatch(rename["regex"], name)  # Prometheus anchors its regexes
+        return re.sub(r"\$(\d+)", lambda m: match.group(int(m.group(1))), rename["replacement"]) if match else name
+
+    for name in exported_series():
+        assert stored(f"ray_{name}") == name
+    assert stored("ray_serve_num_http_requests_total") == "ray_serve_num_http_requests_total"
+
+
+def _templates(obj: Any) -> list[dict]:
+    """Every pod template (a dict with metadata and spec.containers) anywhere in a manifest."""
+    if isinstance(obj, dict):
+        own = [obj["template"]] if isinstance(obj.get("template"), dict) and "spec" in obj["template"] else []
+        return own + [t for value in obj.values() for t in _templates(value)]
+    if isinstance(obj, list):
+        return [t for item in obj for t in _templates(item)]
+    return []
+
+
+def test_grafana_dashboard_plots_every_application_series(rendered_monitoring):
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text())
+    config_map = find_object(rendered_monitoring, "ConfigMap", "bubogpt-grafana-dashboard")
+    assert config_map["metadata"]["labels"] == {"grafana_dashboard": "1"}  # Grafana's sidecar loads it
+    assert json.loads(config_map["data"]["bubogpt-serving.json"]) == dashboard
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\b(bubogpt_\w+)", expr)}
+    exported = exported_series()
+    assert used <= exported, f"the dashboard queries series nobody exports: {used - exported}"
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in exported}
+    plotted = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in used}
+    assert families <= plotted, f"series no panel shows: {families - plotted}"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert [t["refId"] for t in panel["targets"]] == [chr(65 + i) for i in range(len(panel["targets"]))]
+
+
 def parse_bubogpt(command: str):
-    """Parses a `bubogpt ...` command line with the real CLI parser; fails on any unknown option."""
-    from workflows.cli import build_parser
+    """Parses a `bubogpt ...` command line with the real CLI parser; fails on any unknown option.
+    Returns the command (and data subcommand) with every option of the job, defaults included."""
+    from types import SimpleNamespace
+
+    from workflows.cli import build_parser, parse
 
     argv = shlex.split(command)
     assert argv[0] == "bubogpt", command
     try:
-        return build_parser().parse_args(argv[1:])
+        raw = build_parser().parse_args(argv[1:])
+        _, options = parse(argv[1:])
     except SystemExit as exit_:  # argparse's way of refusing
         pytest.fail(f"`{command}` does not parse (exit {exit_.code})")
+    return SimpleNamespace(command=raw.command, data_command=getattr(raw, "data_command", None), **vars(options))
 
 
 def test_rayjobs(rendered, job_manifests):

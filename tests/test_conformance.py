@@ -70,3 +70,53 @@ def test_conformance_recognises_a_ram_fixture(golden_dir):
     result = run_conformance(golden_dir.parent / "ram_tiny")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "logits max abs error" in result.stdout
+
+
+# --- the released layout (bubogpt_release.pth: no vision Q-Former) ---------------------------------
+
+
+def test_conformance_checks_and_names_the_released_layout(golden_dir):
+    result = run_conformance(golden_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    released = [line for line in result.stdout.splitlines() if "bubogpt_release.pth" in line]
+    assert len(released) == 2 and all(line.endswith("[ok]") for line in released), result.stdout
+
+
+def test_conformance_names_the_released_file_when_it_fails_to_load(golden_dir, tmp_path):
+    fixture = tmp_path / "fixture"
+    shutil.copytree(golden_dir, fixture)
+    state = torch.load(fixture / "bubogpt_release.pth", weights_only=True)
+    del state["model"]["multimodal_joiner.modality_qformers.audio.query_tokens"]
+    torch.save(state, fixture / "bubogpt_release.pth")
+    result = run_conformance(fixture)
+    assert result.returncode == 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("bubogpt_release.pth"))
+    assert "qformers.audio.query_tokens (1, 4, 32)" in line and "FAIL" in line
+
+
+def test_released_joiner_takes_its_vision_qformer_from_blip2(golden_dir):
+    # eval_configs/mmgpt4_eval.yaml:16 (use_blip_vision) -> replace_joiner_vision (image_bind.py:654-657)
+    # builds the vision Q-Former from BLIP-2, then the file is loaded with strict=False (mm_gpt4.py:307).
+    q = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_query_token=4)
+    make = lambda: MultimodalJoiner(QFormerConfig(**q, encoder_width=64), QFormerConfig(**q, encoder_width=40), 48)  # noqa: E731
+    with pytest.raises(CheckpointMismatchError, match="bubogpt_release.pth holds no vision Q-Former"):
+        load_bubogpt_joiner(make(), golden_dir / "bubogpt_release.pth")
+    released, full = make(), make()
+    report = load_bubogpt_joiner(released, golden_dir / "bubogpt_release.pth", blip2=golden_dir / "blip2_pretrained.pth")
+    assert "vision Q-Former from blip2_pretrained.pth" in report.source
+    assert report.unexpected == [] and len(report.ignored) > 0  # the audio Q-Former's text side: known, unused
+    load_bubogpt_joiner(full, golden_dir / "bubogpt_joiner.pth", blip2=golden_dir / "blip2_pretrained.pth")
+    for (name, a), (_, b) in zip(released.state_dict().items(), full.state_dict().items()):
+        assert torch.equal(a, b), name  # the fixture's two layouts are the same weights
+
+
+def test_unknown_keys_are_listed_and_skipped(golden_dir, tmp_path):
+    state = torch.load(golden_dir / "bubogpt_joiner.pth", weights_only=True)
+    state["model"]["llama_model.model.embed_tokens.weight"] = torch.zeros(3, 2)  # e.g. a full-model export
+    state["model"]["multimodal_joiner.modality_qformers.audio.Qformer.bert.pooler.dense.weight"] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / "joiner.pth")
+    q = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_query_token=4)
+    joiner = MultimodalJoiner(QFormerConfig(**q, encoder_width=64), QFormerConfig(**q, encoder_width=40), 48)
+    report = load_bubogpt_joiner(joiner, tmp_path / "joiner.pth")
+    assert report.unexpected == ["llama_model.model.embed_tokens.weight", "qformers.audio.pooler.dense.weight"]
+    assert len(report.loaded) == len(joiner.state_dict())

@@ -29,15 +29,22 @@ from bubogpt.grounding.result import (
 from bubogpt.grounding.scenes import GroundingScene, SceneObject, draw_scenes
 from bubogpt.grounding.training import HELD_OUT_STREAM
 
-# The issue's targets, which the shipped weights meet on these held-out scenes (measured on the 60:
-# tag F1 0.96, box precision / recall 0.91 / 0.95 at the detector's thresholds, mask IoU 0.90 from
-# true boxes and 0.82 end to end; bubogpt/assets/grounding_tiny/README.md). A change that degrades
-# the weights or the pipeline below a target fails.
+# The issues' targets (5 and 18). Per stage, each model given perfect input: tag F1, boxes from the
+# true tags, masks from the true boxes. End to end, as a user sees it (`evaluate.score_end_to_end`):
+# the pipeline's own tags -> boxes -> masks, every box its entities hold; entity precision and recall
+# (label + box at IoU 0.5) and the instance mask IoU in which every extra or missing mask counts 0.
+# Measured with the shipped weights on these 60 held-out scenes: tag F1 0.96, boxes from true tags
+# P/R 0.91 / 0.95, masks from true boxes 0.90; end to end entity P/R 0.89 / 0.91, instance mask IoU
+# 0.74 (benchmarks/results/grounding_60scenes_2026-12-04.json; benchmarks/grounding.py also scores
+# 200 scenes of this stream, with COCO AP). A change that degrades the weights or the pipeline below
+# a target fails.
 TAG_F1_MIN = 0.9
 BOX_RECALL_MIN = 0.85
 BOX_PRECISION_MIN = 0.8
 MASK_IOU_FROM_TRUE_BOXES_MIN = 0.7
-MASK_IOU_END_TO_END_MIN = 0.6
+ENTITY_PRECISION_MIN = 0.8
+ENTITY_RECALL_MIN = 0.8
+INSTANCE_MASK_IOU_MIN = 0.6
 # Other sizes and aspects: a swapped axis, an offset or a scale taken from the wrong image puts boxes
 # and masks elsewhere (scores near 0); scale changes alone cost some quality (SAM's 256-px input
 # shrinks the objects of a wide canvas).
@@ -45,14 +52,6 @@ GEOMETRY_BOX_MIN = 0.6
 GEOMETRY_MASK_IOU_MIN = 0.45
 
 N_HELD_OUT = 60
-
-# The tiny weights are trained once (`bubogpt train --stage grounding`, up to 90 minutes) and
-# committed as assets; until they are, the tests that score them cannot run. This is a visible
-# skip with its reason, not a pass: issue 5 stays open while it triggers.
-needs_weights = pytest.mark.skipif(
-    not (TINY_ASSETS / "ram_tiny.pth").is_file(),
-    reason=f"tiny grounding weights not yet committed in {TINY_ASSETS}",
-)
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +66,28 @@ def held_out() -> list[GroundingScene]:
 
 
 @pytest.fixture(scope="module")
-def grounded(pipeline, held_out) -> list[list[Entity]]:
-    return pipeline.ground_images([s.image for s in held_out])
+def predicted(pipeline, held_out) -> list[tuple[list, np.ndarray]]:
+    """Per scene, the pipeline's detections on its own tags and their masks."""
+    return pipeline.detect_and_segment([s.image for s in held_out])
 
 
-@needs_weights
+@pytest.fixture(scope="module")
+def grounded(predicted, held_out) -> list[list[Entity]]:
+    """The entities `ground_images` makes of `predicted` (checked below on a few scenes)."""
+    return [build_entities(np.asarray(s.image), d, m) for s, (d, m) in zip(held_out, predicted)]
+
+
 def test_tags(pipeline, held_out):
     scores = evaluate.tag_scores(pipeline.tagger.tag([s.image for s in held_out]), [s.tags for s in held_out])
     assert scores.f1 >= TAG_F1_MIN, scores
 
 
-@needs_weights
 def test_boxes_with_the_right_phrase(pipeline, held_out):
     detections = [pipeline.detector.detect(s.image, s.tags) for s in held_out]
     scores = evaluate.box_scores(detections, held_out)
     assert scores.recall >= BOX_RECALL_MIN and scores.precision >= BOX_PRECISION_MIN, scores
 
 
-@needs_weights
 def test_masks_from_true_boxes(pipeline, held_out):
     ious = []
     for scene in held_out:
@@ -94,22 +97,86 @@ def test_masks_from_true_boxes(pipeline, held_out):
     assert np.mean(ious) >= MASK_IOU_FROM_TRUE_BOXES_MIN, np.mean(ious)
 
 
-def end_to_end_mask_iou(entities: list[Entity], scene: GroundingScene) -> list[float]:
-    """Per true object: the best IoU of a mask of an entity with its label (0 when none)."""
-    ious = []
-    for obj in scene.objects:
-        masks = [decode_mask(m) for e in entities if e.label == obj.kind for m in e.masks]
-        ious.append(max((evaluate.mask_iou(m, obj.mask) for m in masks), default=0.0))
-    return ious
+@pytest.fixture(scope="module")
+def end_to_end(predicted, held_out) -> evaluate.EndToEndScores:
+    scores = evaluate.score_end_to_end([d for d, _ in predicted], [m for _, m in predicted], held_out)
+    print("end to end:", scores.to_dict())
+    return scores
 
 
-@needs_weights
-def test_masks_end_to_end(grounded, held_out):
-    ious = [iou for entities, scene in zip(grounded, held_out) for iou in end_to_end_mask_iou(entities, scene)]
-    assert np.mean(ious) >= MASK_IOU_END_TO_END_MIN, np.mean(ious)
+def test_entities_end_to_end(end_to_end):
+    """Label + box at IoU 0.5, from the tagger's tags: a hallucinated or duplicate box costs precision."""
+    entities = end_to_end.entities
+    assert entities.precision >= ENTITY_PRECISION_MIN and entities.recall >= ENTITY_RECALL_MIN, entities
 
 
-@needs_weights
+def test_masks_end_to_end(end_to_end):
+    """Every unpaired predicted or true mask counts 0."""
+    assert end_to_end.masks.iou >= INSTANCE_MASK_IOU_MIN, end_to_end.masks
+
+
+def test_ground_images_shows_the_scored_boxes_and_masks(pipeline, held_out, predicted):
+    """What a user gets (`ground_images`) holds exactly the detections and masks scored above."""
+    scenes = held_out[:6]
+    shown_entities = pipeline.ground_images([s.image for s in scenes])
+    for scene, entities, (detections, masks) in zip(scenes, shown_entities, predicted):
+        shown = sorted((e.label, tuple(b), m["counts"]) for e in entities for b, m in zip(e.boxes, e.masks))
+        scored = sorted((d.label, tuple(round(v, 2) for v in d.box), encode_mask(mask)["counts"])
+                        for d, mask in zip(detections, masks))  # fmt: skip
+        assert shown == scored, scene.image_id
+
+
+def two_object_scene() -> GroundingScene:
+    """A 40 x 60 scene with a 10 x 10 circle and a 10 x 20 square."""
+    circle, square = np.zeros((40, 60), bool), np.zeros((40, 60), bool)
+    circle[5:15, 5:15] = True
+    square[20:30, 30:50] = True
+    return GroundingScene("toy", Image.new("RGB", (60, 40)), [
+        SceneObject("circle", "red", (5.0, 5.0, 15.0, 15.0), circle),
+        SceneObject("square", "blue", (30.0, 20.0, 50.0, 30.0), square)])  # fmt: skip
+
+
+def test_end_to_end_scores_charge_extra_and_missing_entities():
+    """Hand-computed figures: the scores the targets are asserted on must see a hallucinated entity,
+    a duplicate and a missed object."""
+    from bubogpt.grounding.detector import Detection
+
+    scene = two_object_scene()
+    truth = [Detection(o.kind, o.box, 0.9) for o in scene.objects]
+    truth_masks = np.stack([o.mask for o in scene.objects])
+
+    perfect = evaluate.score_end_to_end([truth], [truth_masks], [scene])
+    assert (perfect.entities.precision, perfect.entities.recall, perfect.masks.iou) == (1.0, 1.0, 1.0)
+    assert all(v == pytest.approx(1.0) for stats in perfect.coco.values() for v in stats.values()), perfect.coco
+
+    # A hallucinated star (nothing of its kind in the scene) and a duplicate circle half off its object.
+    star = np.zeros((40, 60), bool)
+    star[30:38, 0:8] = True
+    duplicate = np.zeros((40, 60), bool)
+    duplicate[5:15, 10:20] = True  # IoU with the circle: 50 / 150
+    extra = [*truth, Detection("star", (0.0, 30.0, 8.0, 38.0), 0.95),
+             Detection("circle", (10.0, 5.0, 20.0, 15.0), 0.5)]  # fmt: skip
+    scores = evaluate.score_end_to_end([extra], [np.stack([*truth_masks, star, duplicate])], [scene])
+    assert scores.entities.precision == pytest.approx(2 / 4) and scores.entities.recall == 1.0
+    assert scores.masks.iou == pytest.approx(2 / 4)  # two pairs of IoU 1 among 4 predicted + 2 true - 2 paired
+    # COCO AP does not charge either: the duplicate ranks below its object's match, and a category
+    # with no true object is left out of the mean. Hence precision beside it.
+    assert scores.coco["box"]["AP50"] == pytest.approx(1.0)
+
+    # The square missed, the circle's mask a quarter too small.
+    small = truth_masks[0].copy()
+    small[5:15, 5:7] = False  # 80 of the circle's 100 pixels
+    missed = evaluate.score_end_to_end([truth[:1]], [small[None]], [scene])
+    assert (missed.entities.precision, missed.entities.recall) == (1.0, 0.5)
+    assert missed.masks.iou == pytest.approx(0.8 / 2)
+    assert missed.coco["box"]["AP50"] == pytest.approx(0.5)  # circle 1.0, square 0.0
+
+    # A wrong label everywhere: nothing is right.
+    wrong = [Detection("square" if d.label == "circle" else "circle", d.box, d.score) for d in truth]
+    swapped = evaluate.score_end_to_end([wrong], [truth_masks], [scene])
+    assert (swapped.entities.true_positives, swapped.masks.iou, swapped.coco["mask"]["AP"]) == (0, 0.0, 0.0)
+
+
 def test_entities_are_well_formed(grounded, held_out):
     for entities, scene in zip(grounded, held_out):
         assert [e.id for e in entities] == list(range(len(entities)))
@@ -166,7 +233,6 @@ def transformed(scene: GroundingScene, size: tuple[int, int] | None = None, mirr
     return GroundingScene(scene.image_id, image, objects)
 
 
-@needs_weights
 @pytest.mark.parametrize(
     "variant",
     [dict(wide=True), dict(wide=False), dict(size=(900, 700)), dict(size=(140, 110)), dict(mirror=True)],
@@ -245,7 +311,6 @@ def test_annotated_image_draws_masks_boxes_and_labels_in_the_entity_colour():
 # --- the command ----------------------------------------------------------------------------------
 
 
-@needs_weights
 def test_bubogpt_ground_prints_entities_and_spans_and_writes_the_png(pipeline, held_out, tmp_path, capsys):
     from workflows.cli import main
 
@@ -278,7 +343,6 @@ def test_bubogpt_ground_rejects_a_bad_image(tmp_path, capsys):
     assert "bad.png" in capsys.readouterr().err
 
 
-@needs_weights
 def test_shipped_assets_are_small_and_documented():
     files = [p for p in TINY_ASSETS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -116,8 +115,10 @@ def test_bubogpt_train_stage_grounding_under_ray(ray_session, tmp_path):
         "detector_resize_short": 96, "detector_resize_max": 160, "detector_short_sides": [96],
     }  # fmt: skip
     (tmp_path / "micro.json").write_text(json.dumps({"grounding": micro}))  # the `bubogpt train --config` shape
-    args = SimpleNamespace(out=tmp_path / "out", config=tmp_path / "micro.json", seed=1, cpus_per_worker=1)
-    scores = train_grounding(args)
+    from workflows.options import TrainOptions
+
+    options = TrainOptions(out=tmp_path / "out", stage="grounding", config=tmp_path / "micro.json", seed=1, cpus_per_worker=1)
+    scores = train_grounding(options)
     assert set(scores) == {"tag_precision", "tag_recall", "tag_f1", "box_precision", "box_recall", "mask_iou"}
     assets = tmp_path / "out" / "grounding_tiny"
     recorded = json.loads((assets / "training_scores.json").read_text())

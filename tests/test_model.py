@@ -139,15 +139,122 @@ def test_trusted_template_and_conversation_slots():
         "###Human: <Vision>", ModalitySlot("vision"), "</Vision> Describe. ###Assistant: "
     ]
     conversation = Conversation()
-    conversation.add_user("What is it?", modalities=["audio", "vision"])
+    conversation.add_user("What is it?", modalities=["vision", "audio"])
     conversation.add_assistant("A red circle.")
     conversation.add_user("And the sound?")
-    assert conversation.modalities() == ["vision", "audio"]
+    # Audio first, as every combined prompt the released model was trained with:
+    # prompts/alignment_audio_image_neg.txt:1-5 and alignment_audio_image_region.txt:1-3 of the
+    # original all start "<Audio><ModalityHere></Audio> <Vision><ModalityHere></Vision> ...".
+    assert conversation.modalities() == ["audio", "vision"]
     rendered = "".join(s if isinstance(s, str) else f"[{s.modality}]" for s in conversation.render())
     assert rendered.endswith(
-        "###Human: <Vision>[vision]</Vision> <Audio>[audio]</Audio> What is it?###Assistant: A red circle.###"
+        "###Human: <Audio>[audio]</Audio> <Vision>[vision]</Vision> What is it?###Assistant: A red circle.###"
         "Human: And the sound?###Assistant:"
     )
+    stage2 = "".join(s if isinstance(s, str) else f"[{s.modality}]" for s in instruction_prompt(["vision", "audio"], "Where?"))
+    assert stage2 == "###Human: <Audio>[audio]</Audio> <Vision>[vision]</Vision> Where? ###Assistant: "
+    # The order is a setting of the conversation (and of instruction_prompt), not a code fork.
+    other = Conversation(modality_order=("vision", "audio"))
+    other.add_user("What is it?", modalities=["audio", "vision"])
+    assert other.modalities() == ["vision", "audio"]
+
+
+def test_system_sentence_is_the_originals_word_for_word():
+    # eval_scripts/conversation.py:77-78 of the original (CONV_X), rendered as `system + "###"` (:36).
+    original = (
+        "Give the following image: <Vision>ImageContent</Vision> or audio: <Audio>AudioContent</Audio>. "
+        "You will be able to see the image/audio once I provide it to you. Please answer my questions."
+    )
+    conversation = Conversation()
+    conversation.add_user("Hi")
+    assert conversation.render() == [original + "###Human: Hi###Assistant:"]
+
+
+def test_stage1_targets_end_with_a_newline(tokenizer):
+    # Stage 1 of the original ends each caption with end_sym "\n": mm_gpt4.py:68 (default) and :275,
+    # the stage-1 train configs set none (train_configs/mmgpt4_stage1_audio.yaml); stage 2 and chat
+    # use "###" (mmgpt4_stage2_mm.yaml:7).
+    from bubogpt.config import bubogpt_7b, bubogpt_13b
+
+    assert bubogpt_7b().stage1_end_sym == bubogpt_13b().stage1_end_sym == "\n"
+    assert bubogpt_7b().end_sym == "###"
+    model = BuboGPT.build(tiny(), tokenizer)
+    prompts = [[ModalitySlot("audio")]]
+    embeds = {"audio": torch.zeros(1, model.num_query_tokens("audio"), model.config.llm.hidden_size)}
+    batch = model.assemble(prompts, embeds, ["A steady tone."], end_sym="\n")
+    target = batch.labels[0][batch.labels[0] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(target) == "A steady tone.\n"
+    default = model.assemble(prompts, embeds, ["A steady tone."])
+    target = default.labels[0][default.labels[0] != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(target) == "A steady tone." + model.config.end_sym
+
+
+# --- precision: the frozen LLM and encoders in half precision, the joiner in float32 --------------
+
+
+def _small_config(frozen_dtype: str):
+    config = tiny()
+    config.frozen_dtype = frozen_dtype
+    return config
+
+
+@pytest.mark.parametrize("setting,expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)])
+def test_frozen_parts_are_built_in_the_frozen_dtype(tokenizer, setting, expected):
+    model = BuboGPT.build(_small_config(setting), tokenizer)
+    dtypes = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("joiner") else ""): p.dtype
+              for name, p in model.named_parameters()}  # fmt: skip
+    assert dtypes["llm"] == dtypes["audio_encoder"] == dtypes["vision_encoder"] == expected
+    assert dtypes["joiner.qformers"] == dtypes["joiner.projections"] == torch.float32
+    assert all(b.dtype == expected for n, b in model.named_buffers() if n.startswith("audio_encoder") and b.is_floating_point())
+
+
+def test_auto_is_bfloat16_on_a_gpu_and_float32_on_the_cpu():
+    from bubogpt.config import bubogpt_7b, bubogpt_13b
+    from bubogpt.modeling_bubogpt import frozen_dtype
+
+    for config in (bubogpt_7b(), bubogpt_13b()):
+        assert config.frozen_dtype == "auto"
+        assert frozen_dtype(config, "cuda") == frozen_dtype(config, torch.device("cuda:1")) == torch.bfloat16
+        assert frozen_dtype(config, "cpu") == torch.float32
+    assert frozen_dtype(tiny(), "cuda") == torch.float32  # the tiny preset trains its LLM: float32
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        _small_config("int8").__post_init__()
+
+
+def test_a_bfloat16_model_trains_its_joiner_and_generates(tokenizer):
+    torch.manual_seed(0)
+    model = BuboGPT.build(_small_config("bfloat16"), tokenizer)
+    model.set_trainable("stage1")
+    prompts, audio, image = fixed_batch()
+    out = model(prompts, TARGETS, audio=audio, image=image)  # float32 inputs, bf16 encoders and LLM
+    out.loss.backward()
+    grad = model.joiner.qformers["audio"].query_tokens.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
+    model.eval()
+    answers = model.generate(prompts[:2], audio=audio[:1], image=image[:1], max_new_tokens=4)
+    assert len(answers) == 2
+
+
+def test_load_model_puts_the_frozen_parts_in_the_setting_for_the_device(overfit_model, tmp_path):
+    from bubogpt.checkpoints.native import load_model, save_model
+
+    model, _ = overfit_model
+    save_model(model, tmp_path / "model")
+    config = tmp_path / "model" / "bubogpt_config.json"
+    config.write_text(config.read_text().replace('"frozen_dtype": "float32"', '"frozen_dtype": "auto"'))
+    on_gpu = load_model(tmp_path / "model", device="cuda")  # "auto" decides from the device, not from where it loads
+    on_cpu = load_model(tmp_path / "model", device="cpu")
+    for loaded, expected in ((on_gpu, torch.bfloat16), (on_cpu, torch.float32)):
+        assert loaded.llm.get_input_embeddings().weight.dtype == expected  # the LLM read from llm/ in that dtype
+        assert loaded.vision_encoder.blocks[0].attn.qkv.weight.dtype == expected
+        assert loaded.audio_encoder.patch_embed.weight.dtype == expected
+        assert loaded.joiner.projections["vision"].fc.weight.dtype == torch.float32
+    # The weights are the saved ones, rounded to bfloat16 where that is the dtype.
+    saved = model.vision_encoder.blocks[0].attn.qkv.weight
+    assert torch.equal(on_gpu.vision_encoder.blocks[0].attn.qkv.weight, saved.to(torch.bfloat16))
+    assert torch.equal(on_gpu.joiner.projections["vision"].fc.weight, model.joiner.projections["vision"].fc.weight)
+    explicit = load_model(tmp_path / "model", dtype=torch.float16)
+    assert explicit.llm.get_input_embeddings().weight.dtype == torch.float16
 
 
 def test_prompt_over_context_budget_is_refused(tokenizer):

@@ -73,7 +73,7 @@ def top_local_peaks(profile: torch.Tensor, count: int) -> list[int]:
 
 def test_default_shape_is_clips_channel_mel_frames():
     clips = audio_to_fbank_clips(torch.from_numpy(tone(440, 7.0, 16000)), 16000)
-    assert clips.shape == (6, 1, 128, 204)
+    assert clips.shape == (7, 1, 128, 204)  # 6 clips + the global clip (use_global)
     assert clips.dtype == torch.float32
 
 
@@ -83,7 +83,8 @@ def test_exact_target_length_keeps_channel_axis_and_skips_resize():
     config = AudioPreprocessConfig(clip_seconds=samples / 16000, num_clips=2)
     waveform = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, samples).astype(np.float32))
     clips = audio_to_fbank_clips(waveform, 16000, config)
-    assert clips.shape == (2, 1, 128, 204)
+    assert clips.shape == (3, 1, 128, 204)  # 2 clips + the global one, here the same window
+    torch.testing.assert_close(clips[2], clips[0])
     import torchaudio.compliance.kaldi as kaldi
 
     centred = waveform - waveform.mean()
@@ -121,8 +122,8 @@ def test_stereo_44k_is_mixed_down_and_resampled():
     # of their frequencies on the 16 kHz mel scale (a wrong rate or a dropped channel moves or
     # loses one).
     stereo = np.stack([tone(700, 6.0, 44100), tone(2500, 6.0, 44100)])
-    clips = audio_to_fbank_clips(torch.from_numpy(stereo), 44100)
-    assert clips.shape == (6, 1, 128, 204)
+    clips = audio_to_fbank_clips(torch.from_numpy(stereo), 44100, AudioPreprocessConfig(channel="mean"))
+    assert clips.shape == (7, 1, 128, 204)
     peaks = sorted(top_local_peaks(mel_profile(clips), 2))
     expected = sorted([expected_mel_bin(700), expected_mel_bin(2500)])
     assert all(abs(p - e) <= 1 for p, e in zip(peaks, expected)), (peaks, expected)
@@ -149,9 +150,9 @@ def test_short_audio_is_tiled_to_one_clip():
     clips = audio_to_fbank_clips(torch.from_numpy(short), 16000)
     tiled = np.tile(short, 100)  # 80 000 samples = exactly 5 s
     expected = audio_to_fbank_clips(torch.from_numpy(tiled), 16000)
-    assert clips.shape == (6, 1, 128, 204)
+    assert clips.shape == (7, 1, 128, 204)
     torch.testing.assert_close(clips, expected)
-    torch.testing.assert_close(clips[0], clips[5])  # one 5 s window: every clip is the same
+    torch.testing.assert_close(clips[0], clips[6])  # one 5 s window: every clip is the same
 
 
 def test_inference_clips_are_evenly_spaced_and_deterministic():
@@ -194,7 +195,7 @@ def test_input_waveform_is_not_mutated(shape, rate):
 def test_long_audio_and_length_guard():
     long = torch.from_numpy(np.random.default_rng(3).normal(0, 0.1, 8000 * 200).astype(np.float32))
     clips = audio_to_fbank_clips(long, 8000)  # 200 s at 8 kHz
-    assert clips.shape == (6, 1, 128, 204) and torch.isfinite(clips).all()
+    assert clips.shape == (7, 1, 128, 204) and torch.isfinite(clips).all()
     with pytest.raises(MediaError, match="more than 100"):
         audio_to_fbank_clips(long, 8000, AudioPreprocessConfig(max_seconds=100))
 
@@ -211,12 +212,12 @@ def test_bad_waveforms_are_refused():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_spec_augment_mixes_stripes_between_clips():
+def test_spec_augment_replace_copies_stripes_from_other_clips():
     clips = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 16, 30).contiguous()  # clip c is all c
     before = clips.clone()
-    out = spec_augment(clips, torch.Generator().manual_seed(0), 10, 2, 5, 2)
+    out = spec_augment(clips, torch.Generator().manual_seed(0), 10, 2, 5, 2, mode="replace")
     assert torch.equal(clips, before)
-    again = spec_augment(clips, torch.Generator().manual_seed(0), 10, 2, 5, 2)
+    again = spec_augment(clips, torch.Generator().manual_seed(0), 10, 2, 5, 2, mode="replace")
     torch.testing.assert_close(out, again)
     changed_total = 0
     for c in range(4):
@@ -233,7 +234,7 @@ def test_spec_augment_mixes_stripes_between_clips():
 
 def test_spec_augment_single_clip_fills_with_zero():
     clips = torch.full((1, 1, 16, 30), 3.0)
-    out = spec_augment(clips, torch.Generator().manual_seed(4), 10, 2, 5, 2)
+    out = spec_augment(clips, torch.Generator().manual_seed(4), 10, 2, 5, 2, mode="replace")
     assert set(out.unique().tolist()) <= {0.0, 3.0} and (out == 0).any()
 
 
@@ -395,7 +396,7 @@ def test_eval_transform_squashes_the_whole_image_and_normalises():
     image = Image.new("RGB", (672, 224), (255, 0, 0))
     image.paste((0, 255, 0), (224, 0, 448, 224))  # thirds: red | green | blue
     image.paste((0, 0, 255), (448, 0, 672, 224))
-    tensor = image_transform(ImagePreprocessConfig(), train=False)(image)
+    tensor = image_transform(ImagePreprocessConfig(eval_resize="squash"), train=False)(image)
     assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32
 
     def normalised(rgb):
@@ -408,7 +409,7 @@ def test_eval_transform_squashes_the_whole_image_and_normalises():
             tensor[:, :, columns], normalised(rgb)[:, None, None].expand(3, 224, 58), atol=2e-2, rtol=0
         )
 
-    small = image_transform(ImagePreprocessConfig(image_size=32))(two_halves(90, 60))
+    small = image_transform(ImagePreprocessConfig(image_size=32, eval_resize="squash"))(two_halves(90, 60))
     assert small.shape == (3, 32, 32)
 
 
@@ -432,3 +433,104 @@ def test_load_image_from_path(tmp_path):
     tensor = load_image(path, ImagePreprocessConfig(image_size=16))
     assert tensor.shape == (3, 16, 16)
     torch.testing.assert_close(tensor[2], torch.full((16, 16), (1 - CLIP_MEAN[2]) / CLIP_STD[2]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fidelity to what the released 7B/13B weights were trained with (the original's files and lines)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_first_channel_is_what_the_original_fbank_read():
+    # Original: waveform2melspec hands the whole (channels, samples) clip to kaldi.fbank
+    # (imagebind/data/data_utils.py:33-44), whose channel=-1 default reads channel 0
+    # (torchaudio/compliance/kaldi.py:135-137). Checked against that call itself, stereo in.
+    import torchaudio.compliance.kaldi as kaldi
+
+    stereo = torch.from_numpy(np.stack([tone(700, 5.0, 16000), tone(2500, 5.0, 16000, 0.3)]))
+    reference = stereo - stereo.mean()  # the original's in-place `waveform -= waveform.mean()`
+    raw = kaldi.fbank(
+        reference, htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+        num_mel_bins=128, dither=0.0, frame_length=25, frame_shift=10,
+    ).T[None]
+    from torchvision.transforms import functional as TF
+
+    expected = (TF.resize(raw, [128, 204], antialias=False) + 4.268) / 9.138
+    clips = audio_to_fbank_clips(stereo, 16000, AudioPreprocessConfig(num_clips=1, global_clip=False))
+    torch.testing.assert_close(clips[0], expected, atol=1e-4, rtol=0)
+    # ... so the right channel's 2500 Hz tone is not heard; the mean of the channels hears both.
+    peaks = top_local_peaks(mel_profile(clips), 1)
+    assert abs(peaks[0] - expected_mel_bin(700)) <= 1
+    mean = audio_to_fbank_clips(stereo, 16000, AudioPreprocessConfig(num_clips=1, global_clip=False, channel="mean"))
+    assert mel_profile(mean)[expected_mel_bin(2500)] > mel_profile(clips)[expected_mel_bin(2500)] + 1.0
+
+
+def test_global_clip_is_the_whole_audio_resized_and_comes_last():
+    # Original: use_global appends the whole (resampled, tiled) waveform as one more clip
+    # (imagebind_audio_processor.py:105-106), whose ~1700 frames waveform2melspec resizes to 204
+    # (imagebind/data/data_utils.py:63-67); every 7B/13B config sets use_global: True
+    # (train_configs/mmgpt4_stage1_audio.yaml:20, mmgpt4_stage2_mm.yaml:57, eval_configs/mmgpt4_eval.yaml:41).
+    import torchaudio.compliance.kaldi as kaldi
+    from torchvision.transforms import functional as TF
+
+    audio = torch.from_numpy(np.random.default_rng(11).normal(0, 0.2, 17 * 16000).astype(np.float32))
+    clips = audio_to_fbank_clips(audio, 16000, AudioPreprocessConfig(num_clips=6, global_clip=True))
+    assert clips.shape == (7, 1, 128, 204)
+    raw = kaldi.fbank(
+        (audio - audio.mean())[None], htk_compat=True, sample_frequency=16000, use_energy=False,
+        window_type="hanning", num_mel_bins=128, dither=0.0, frame_length=25, frame_shift=10,
+    ).T[None]  # (1, 128, 1698)
+    expected = (TF.resize(raw, [128, 204], antialias=False) + 4.268) / 9.138
+    torch.testing.assert_close(clips[6], expected, atol=1e-4, rtol=0)
+    without = audio_to_fbank_clips(audio, 16000, AudioPreprocessConfig(num_clips=6, global_clip=False))
+    torch.testing.assert_close(clips[:6], without)
+    assert AudioPreprocessConfig(num_clips=6).total_clips == 7
+
+
+def test_spec_augment_mixture_blends_half_and_half():
+    # Original: mask_type 'mixture' (imagebind_audio_processor.py:92) = MixStripes: each stripe
+    # becomes 0.5 * itself + 0.5 * the same region of a shuffled clip (audio_augment.py:84-100).
+    clips = torch.tensor([0.0, 4.0, 8.0, 16.0]).view(4, 1, 1, 1).expand(4, 1, 16, 30).contiguous()
+    changed_total = 0
+    for seed in range(5):
+        out = spec_augment(clips, torch.Generator().manual_seed(seed), 10, 1, 5, 0, mode="mixture")
+        for c, value in enumerate([0.0, 4.0, 8.0, 16.0]):
+            changed = out[c, 0] != value
+            changed_total += int(changed.sum())
+            # halfway to another clip's value, never that value itself (as "replace" would give)
+            assert set(out[c, 0][changed].tolist()) <= {(value + d) / 2 for d in (0.0, 4.0, 8.0, 16.0) if d != value}
+            cols = changed.all(dim=0)
+            assert torch.equal(changed, cols[None, :].expand_as(changed))  # whole time stripes
+    assert changed_total > 0
+    # The config's default is the original's, and audio_to_fbank_clips applies it at training.
+    assert AudioPreprocessConfig().spec_augment == "mixture"
+
+
+def test_eval_transform_resizes_then_centre_crops_like_the_original():
+    # Original: the eval processor imagebind_vision_eval (eval_configs/mmgpt4_eval.yaml:33) is
+    # Resize(image_size, bicubic) then CenterCrop(image_size) (imagebind_vision_processor.py:124-133).
+    image = Image.new("RGB", (672, 224), (255, 0, 0))
+    image.paste((0, 255, 0), (224, 0, 448, 224))  # thirds: red | green | blue
+    image.paste((0, 0, 255), (448, 0, 672, 224))
+    tensor = image_transform(ImagePreprocessConfig(), train=False)(image)  # the default
+    green = torch.tensor([(c - m) / s for c, m, s in zip((0, 1, 0), CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(tensor, green[:, None, None].expand(3, 224, 224), atol=2e-2, rtol=0)
+    # A portrait image: the short side goes to the size, the middle of the long side is kept.
+    tall = Image.new("RGB", (100, 300), (0, 0, 255))
+    tall.paste((255, 0, 0), (0, 100, 100, 200))  # red middle third
+    out = image_transform(ImagePreprocessConfig(image_size=50))(tall)
+    red = torch.tensor([(c - m) / s for c, m, s in zip((1, 0, 0), CLIP_MEAN, CLIP_STD)])
+    torch.testing.assert_close(out[:, 5:45], red[:, None, None].expand(3, 40, 50), atol=2e-2, rtol=0)
+
+
+def test_presets_choose_the_original_preprocessing_and_tiny_keeps_its_own():
+    from bubogpt.config import bubogpt_7b, bubogpt_13b, tiny
+
+    for preset in (bubogpt_7b(), bubogpt_13b()):
+        audio, image = AudioPreprocessConfig.for_model(preset), ImagePreprocessConfig.for_model(preset)
+        assert (audio.channel, audio.global_clip, audio.spec_augment) == ("first", True, "mixture")
+        assert (audio.num_clips, audio.total_clips, image.image_size, image.eval_resize) == (6, 7, 224, "center_crop")
+    small = tiny()
+    audio, image = AudioPreprocessConfig.for_model(small), ImagePreprocessConfig.for_model(small)
+    assert (audio.channel, audio.global_clip, audio.spec_augment) == ("mean", False, "replace")
+    assert (audio.total_clips, image.image_size, image.eval_resize) == (3, 112, "squash")
+    assert AudioPreprocessConfig.for_model(small, max_seconds=9.0).max_seconds == 9.0

@@ -33,16 +33,28 @@ from bubogpt.grounding.ram_checkpoint import (
 )
 from bubogpt.grounding.ram_conformance import check_ram_fixture
 
-FIXTURE = Path("/work/shared/golden/ram_tiny")
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "ram.pth").exists(), reason="golden RAM fixture not present"
-)
+from conftest import GOLDEN  # the repository's ../shared/golden
+
+FIXTURE = GOLDEN / "ram_tiny"
+
+
+@pytest.fixture(scope="module")
+def ram_fixture() -> Path:
+    """The golden RAM fixture; missing, the tests that read it FAIL (a skip would hide it)."""
+    names = ("ram.pth", "tags.txt", "tag_thresholds.txt", "config.json", "io.pt")
+    missing = [name for name in names if not (FIXTURE / name).is_file()]
+    if missing:
+        pytest.fail(f"golden RAM fixture incomplete at {FIXTURE}: missing {missing}")
+    return FIXTURE
+
+
+needs_fixture = pytest.mark.usefixtures("ram_fixture")
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(ram_fixture):
     model, thresholds, report = load_ram_tagger(
         FIXTURE / "ram.pth", FIXTURE / "tags.txt", FIXTURE / "tag_thresholds.txt", FIXTURE / "config.json"
     )
@@ -138,7 +150,7 @@ def test_wrong_shape_is_refused_naming_key_and_shapes(golden):
 
 
 @needs_fixture
-def test_missing_unknown_and_contradicting_keys_raise():
+def test_missing_and_contradicting_keys_raise_unknown_keys_are_reported():
     checkpoint = read_ram_checkpoint(FIXTURE / "ram.pth")
     config = infer_ram_config(checkpoint, json.loads((FIXTURE / "config.json").read_text()))
 
@@ -147,9 +159,10 @@ def test_missing_unknown_and_contradicting_keys_raise():
     with pytest.raises(CheckpointMismatchError, match=re.escape(dropped)):
         load_ram_state_dict(RAMTagger(config), missing)
 
-    unknown = dict(checkpoint, **{"visual_encoder.head.weight": torch.zeros(3, 3)})
-    with pytest.raises(CheckpointMismatchError, match=r"visual_encoder\.head\.weight"):
-        load_ram_state_dict(RAMTagger(config), unknown)
+    # Keys the tagger has no use for are listed and skipped (the original loads with strict=False).
+    unknown = dict(checkpoint, **{"visual_encoder.head.weight": torch.zeros(3, 3), "extra.bias": torch.zeros(2)})
+    report = load_ram_state_dict(RAMTagger(config), unknown)
+    assert report.unexpected == ["extra.bias", "visual_encoder.head.weight"]
 
     with pytest.raises(CheckpointMismatchError, match="embed_dim=24"):
         infer_ram_config(checkpoint, {"embed_dim": 24})
@@ -250,3 +263,39 @@ def test_preprocess_resizes_and_normalises_with_imagenet_statistics():
     assert pixels.shape == (3, 64, 64)
     expected = [(200 / 255 - mean) / std for mean, std in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     torch.testing.assert_close(pixels.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+# --- older RAM files: the tagging head named vision_multi.* ----------------------------------------
+
+
+@needs_fixture
+def test_vision_multi_is_read_as_tagging_head(tmp_path):
+    # The original's load_checkpoint_swinlarge renames vision_multi -> tagging_head and loads with
+    # strict=False (ram/models/utils.py:270-274): such a file gives the same tagger.
+    checkpoint = read_ram_checkpoint(FIXTURE / "ram.pth")
+    old = {k.replace("tagging_head.", "vision_multi.", 1): v for k, v in checkpoint.items()}
+    assert sum(k.startswith("vision_multi.") for k in old) > 0 and not any(k.startswith("tagging_head.") for k in old)
+    old["tagging_head.embeddings.LayerNorm.weight"] = torch.ones(32)  # a part the original deletes: unused
+    torch.save({"model": old}, tmp_path / "ram.pth")
+    files = [FIXTURE / name for name in ("tags.txt", "tag_thresholds.txt", "config.json")]
+    model, _, report = load_ram_tagger(tmp_path / "ram.pth", *files)
+    reference, _, _ = load_ram_tagger(FIXTURE / "ram.pth", *files)
+    assert report.renamed_old_head == sum(k.startswith("tagging_head.") for k in checkpoint)
+    assert report.unexpected == ["tagging_head.embeddings.LayerNorm.weight"]
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    io = torch.load(FIXTURE / "io.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(io["image"]), io["logits"], atol=1e-4, rtol=0)
+
+
+@needs_fixture
+def test_missing_tagger_tensor_names_the_file_key_and_shape(tmp_path):
+    checkpoint = dict(read_ram_checkpoint(FIXTURE / "ram.pth"))
+    del checkpoint["tagging_head.encoder.layer.1.output.dense.weight"]
+    torch.save({"model": checkpoint}, tmp_path / "ram_broken.pth")
+    files = [FIXTURE / name for name in ("tags.txt", "tag_thresholds.txt", "config.json")]
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_ram_tagger(tmp_path / "ram_broken.pth", *files)
+    message = str(error.value)
+    assert "ram_broken.pth" in message and "tagging_head.encoder.layer.1.output.dense.weight (32, 64)" in message

@@ -6,95 +6,22 @@ Independent checks: each answer is compared with the model library called direct
 result with the grounding pipeline called directly on the decoded image.
 """
 
-import base64
 import concurrent.futures
-import dataclasses
-import io
 
-import numpy as np
 import openai
 import pytest
-import torch
-from PIL import Image
 
-from bubogpt.checkpoints.native import load_model
-from bubogpt.conversation import Conversation
-from bubogpt.preprocess import (
-    AudioPreprocessConfig,
-    ImagePreprocessConfig,
-    decode_image,
-    image_transform,
-    load_audio_fbank,
+from serve_harness import (
+    API_KEY,
+    b64,
+    check_grounding,
+    data_url,
+    image_bytes,
+    reference_answer,
+    scene,
+    sound_bytes,
+    source_sound,
 )
-from serve_harness import API_KEY, b64, data_url, image_bytes, scene, sound_bytes, source_sound
-
-
-@pytest.fixture(scope="module")
-def reference(serve_app):
-    """The same model directory, loaded here: what the server's answers must equal."""
-    return load_model(serve_app.model_dir)
-
-
-@pytest.fixture(scope="module")
-def direct_grounding(serve_app):
-    """The grounding pipeline from the server's weights, called directly: what the server's must equal."""
-    from bubogpt.grounding.pipeline import TINY_ASSETS, load_tiny_grounding
-
-    return load_tiny_grounding(serve_app.settings["grounding_dir"] or TINY_ASSETS)
-
-
-def reference_answer(model, turns, image=None, audio=None, max_new_tokens=12):
-    """turns: [(role, text)], the media opening the first user turn. Greedy, like temperature 0."""
-    conversation = Conversation()
-    modalities = [m for m, media in (("vision", image), ("audio", audio)) if media is not None]
-    for i, (role, text) in enumerate(turns):
-        if role == "user":
-            conversation.add_user(text, modalities if i == 0 else ())
-        else:
-            conversation.add_assistant(text)
-    pixels = fbank = None
-    if image is not None:
-        pixels = image_transform(ImagePreprocessConfig(image_size=model.config.vision.img_size))(decode_image(image))[None]
-    if audio is not None:
-        config = AudioPreprocessConfig(
-            num_clips=model.config.audio_clips,
-            num_mel_bins=model.config.audio.num_mel_bins,
-            target_length=model.config.audio.target_length,
-        )
-        fbank = load_audio_fbank(audio, config)[None]
-    prompt = conversation.render()
-    with torch.no_grad():
-        answer = model.generate([prompt], audio=fbank, image=pixels, max_new_tokens=max_new_tokens, do_sample=False)[0]
-        embeds = model.embed_modalities(audio=fbank, image=pixels)
-        prompt_tokens = model.assemble([prompt], embeds, padding_side="left").inputs_embeds.shape[1]
-    return answer, prompt_tokens
-
-
-def check_grounding(body, image, pipeline):
-    """Entities equal the pipeline's own for the decoded image (up to float noise between processes),
-    masks decode to the image size, the PNG is the pipeline's drawing, spans are its matches."""
-    from bubogpt.grounding.result import Entity, annotate_image, decode_mask
-
-    decoded = decode_image(image)
-    expected = pipeline.ground_image(decoded)
-    served = [Entity(**e) for e in body["entities"]]
-    assert [(e.id, e.label, e.colour, e.attributes, len(e.boxes)) for e in served] == [
-        (e.id, e.label, e.colour, e.attributes, len(e.boxes)) for e in expected
-    ]
-    for got, want in zip(served, expected):
-        assert got.score == pytest.approx(want.score, abs=2e-3)
-        np.testing.assert_allclose(got.boxes, want.boxes, atol=0.5)
-        for got_rle, want_rle in zip(got.masks, want.masks):
-            got_mask, want_mask = decode_mask(got_rle), decode_mask(want_rle)
-            assert got_mask.shape == (decoded.height, decoded.width)
-            assert (got_mask & want_mask).sum() >= 0.98 * (got_mask | want_mask).sum()
-    annotated = Image.open(io.BytesIO(base64.b64decode(body["annotated_image"])))
-    assert annotated.format == "PNG" and annotated.size == decoded.size
-    drawn = np.asarray(annotate_image(decoded, served), dtype=np.int16)
-    assert np.abs(np.asarray(annotated.convert("RGB"), dtype=np.int16) - drawn).max() == 0
-    assert body["spans"] == [dataclasses.asdict(span) for span in pipeline.match(body["answer"], served)]
-    for span in body["spans"]:
-        assert body["answer"][span["start"]:span["end"]] == span["text"]
 
 
 SCENE = scene(11, ("circle", "square"))

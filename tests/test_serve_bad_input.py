@@ -74,8 +74,8 @@ CASES = [
      "nested too deeply"),
     ("json-not-an-object", "/v1/chat", {"json": ["message", "hi"]}, 400, "must be a JSON object"),
     ("unknown-content-part", "/v1/chat/completions", {"json": user([{"type": "video_url", "video_url": {"url": "x"}}])},
-     400, "unknown content part type 'video_url'"),
-    ("unknown-field", "/v1/chat", chat_json(imagee=b64(PNG)), 400, "unknown field(s) ['imagee']"),
+     400, "messages[0].content[0].type must be 'text', 'image_url' or 'input_audio', got 'video_url'"),
+    ("unknown-field", "/v1/chat", chat_json(imagee=b64(PNG)), 400, "unknown field 'imagee'"),
     ("huge-prompt", "/v1/chat", chat_json(message="describe the red circle again " * 400), 400, "more than the 600 allowed"),
     ("marker-in-message", "/v1/chat", chat_json(message="<Vision><ModalityHere></Vision> what?"), 400, "reserved marker"),
     ("marker-in-history", "/v1/chat", chat_json(history=[{"role": "user", "content": "<Audio>x</Audio>"},
@@ -92,9 +92,9 @@ CASES = [
      "has media type 'text/html'"),
     ("max-tokens-over-limit", "/v1/chat/completions", {"json": {**user("hi"), "max_tokens": 100000}}, 400,
      "max_tokens must be between 1 and 128"),
-    ("negative-temperature", "/v1/chat", chat_json(temperature=-1), 400, "temperature must be in [0.0, 2.0]"),
+    ("negative-temperature", "/v1/chat", chat_json(temperature=-1), 400, "temperature must be at least 0, got -1"),
     ("unknown-model", "/v1/chat/completions", {"json": {**user("hi"), "model": "gpt-4o"}}, 404, "'gpt-4o' does not exist"),
-    ("history-not-json", "/v1/chat", chat_form(None, history="[{'role': 'user'"), 400, "history is not valid JSON"),
+    ("history-not-json", "/v1/chat", chat_form(None, history="[{'role': 'user'"), 400, "history: not valid JSON"),
     ("empty-message", "/v1/chat", chat_json(message="   "), 400, "message is empty"),
     ("last-turn-assistant", "/v1/chat/completions",
      {"json": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}}, 400,
@@ -125,15 +125,14 @@ def test_bad_input_gets_a_4xx_json_error_naming_the_problem(serve_app, replicas_
 
 
 @pytest.mark.parametrize("height, width", [(1, 1), (2, 300), (300, 2)])
-def test_degenerate_images_are_answered_or_refused_by_name_never_a_5xx(serve_app, height, width):
+def test_degenerate_images_are_answered(serve_app, height, width):
+    """Any image that decodes is a valid image: answered, with masks of its own size if any."""
     pixels = np.full((height, width, 3), 200, np.uint8)
     response = serve_app.post("/v1/chat", json={"message": "What is this?", "image": b64(image_bytes(pixels, "PNG")),
                                                 "max_new_tokens": 4})  # fmt: skip
-    assert response.status_code in (200, 400), response.text[:300]
-    if response.status_code == 400:
-        assert "image" in error_message(response)
-    for entity in response.json().get("entities", []):
-        assert all(len(mask["size"]) == 2 and mask["size"] == [height, width] for mask in entity["masks"])
+    assert response.status_code == 200, response.text[:300]
+    for entity in response.json()["entities"]:
+        assert all(mask["size"] == [height, width] for mask in entity["masks"])
 
 
 def test_a_client_leaving_mid_stream_disturbs_nothing(serve_app):
@@ -148,7 +147,7 @@ def test_a_client_leaving_mid_stream_disturbs_nothing(serve_app):
 
 def test_the_official_client_raises_the_servers_message(serve_app):
     client = openai.OpenAI(base_url=serve_app.url + "/v1", api_key=API_KEY, max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="unknown content part type 'input_video'"):
+    with pytest.raises(openai.BadRequestError, match="content\\[0\\].type must be .*, got 'input_video'"):
         client.chat.completions.create(model="bubogpt-tiny", messages=[user([{"type": "input_video"}])["messages"][0]])
     with pytest.raises(openai.AuthenticationError, match="bearer token"):
         openai.OpenAI(base_url=serve_app.url + "/v1", api_key="wrong", max_retries=0).models.list()

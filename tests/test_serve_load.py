@@ -1,8 +1,9 @@
-"""Load, concurrency of composition, and a replica killed under load.
+"""Load, concurrency of composition, a replica killed under load, and a replica whose generation
+worker died replaced through its health check.
 
 The load test runs 16 clients for LOAD_SECONDS (8 s here; the 60 s measurement is
-`python -m benchmarks.serve_load`). Runs after the other serving tests (file order): the fault test
-replaces the LLM replica.
+`python -m benchmarks.serve_load`). Runs after test_serve.py and test_serve_bad_input.py (file
+order): the fault tests replace the LLM replica.
 """
 
 import concurrent.futures
@@ -81,7 +82,9 @@ def test_a_full_llm_queue_answers_503_with_retry_after(serve_app):
     burst = LLM_ONGOING + LLM_QUEUED + 16
 
     def ask(i):
-        return serve_app.post("/v1/chat", json={"message": f"Burst {i}.", "max_new_tokens": 48}, timeout=120)
+        # Long sampled answers (a hot temperature rarely ends early): the burst must outlast its arrival.
+        body = {"message": f"Burst {i}.", "max_new_tokens": 128, "temperature": 2.0}
+        return serve_app.post("/v1/chat", json=body, timeout=180)
 
     with concurrent.futures.ThreadPoolExecutor(burst) as pool:
         responses = list(pool.map(ask, range(burst)))
@@ -198,3 +201,30 @@ def test_killing_the_llm_replica_under_load_fails_in_flight_requests_then_recove
         assert body["usage"]["completion_tokens"] >= 1
     response = requests.get(serve_app.url + "/healthz", timeout=30)
     assert response.status_code == 200, error_message(response)
+
+
+def test_a_dead_generation_worker_fails_the_health_check_and_serve_replaces_the_replica(serve_app):
+    """The replica's process lives on, but its generation thread is gone: only `check_health` can
+    tell. Requests meanwhile get a 503 (never a hang or a 500); Serve replaces the replica (the
+    harness checks health every second), and requests succeed again."""
+    from ray import serve
+
+    llm = serve.get_deployment_handle("LLM", app_name=APP_NAME)
+    victim = llm.ping.remote().result(timeout_s=30)
+    llm.stop_generation.remote().result(timeout_s=120)
+    response = serve_app.post("/v1/chat", json={"message": "Anyone there?", "max_new_tokens": 4}, timeout=60)
+    assert response.status_code == 503, response.text[:300]
+    assert "LLM replica" in error_message(response) and int(response.headers["retry-after"]) >= 1
+
+    replacement, deadline = None, time.monotonic() + 120
+    while replacement is None and time.monotonic() < deadline:
+        try:
+            info = llm.ping.remote().result(timeout_s=10)
+            replacement = info if info["replica_id"] != victim["replica_id"] else None
+        except Exception:  # the old replica is being stopped
+            pass
+        time.sleep(0.5)
+    assert replacement is not None, "Serve did not replace the replica that fails its health check"
+    assert replacement["pid"] != victim["pid"]
+    body = serve_app.chat(message="And now?", max_new_tokens=4)
+    assert body["usage"]["completion_tokens"] >= 1

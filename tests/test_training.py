@@ -229,7 +229,7 @@ def test_collate_builds_compact_modality_tensors_in_prompt_order(model, tokenize
         _row("cc_sbu_align", image=True, answer="A picture of a blue circle."),
     ]
     batch = collate(rows, "instruction", np.random.default_rng(0))
-    assert [prompt_modalities(p) for p in batch.prompts] == [["vision"], ["audio"], ["vision", "audio"], ["vision"]]
+    assert [prompt_modalities(p) for p in batch.prompts] == [["vision"], ["audio"], ["audio", "vision"], ["vision"]]
     assert batch.image.shape == (3, 3, 112, 112) and batch.audio.shape == (2, 3, 1, 128, 204)
     # Row order is kept: image rows 0, 2, 3 and audio rows 1, 2.
     assert torch.equal(batch.image[1], torch.as_tensor(rows[2]["pixel_values"]))
@@ -420,3 +420,145 @@ def test_bubogpt_train_needs_data_except_for_grounding(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path), "--stage", "stage1"]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+# --- one row -> prompt function for training, evaluation and samples -------------------------------
+
+
+def test_training_evaluation_and_samples_ask_through_row_prompt():
+    from bubogpt.conversation import caption_prompt, instruction_prompt
+    from bubogpt.training import EVAL_INSTRUCTIONS, generation_batch, row_prompt
+
+    rows = [
+        _row("llava_instruct", image=True, instruction="What colour is the star?"),
+        _row("clotho", audio=True, instruction="ignored for audio"),
+        _row("vggss", image=True, audio=True, instruction="Where is the tone from? (differs per pair)"),
+        _row("negative_pairs", image=True, audio=True, instruction="Are they unrelated?"),
+    ]
+    asked = generation_batch(rows).prompts  # what the evaluator generates from
+    assert asked == [
+        instruction_prompt(["vision"], "What colour is the star?"),
+        instruction_prompt(["audio"], EVAL_INSTRUCTIONS["sound"]),
+        instruction_prompt(["vision", "audio"], EVAL_INSTRUCTIONS["source"]),  # one question for matched ...
+        instruction_prompt(["vision", "audio"], EVAL_INSTRUCTIONS["source"]),  # ... and mismatched pairs
+    ]
+    # Training asks through the same function (an image QA record always with its own question);
+    # stage 1 captions have no instruction.
+    trained = collate(rows[:1], "instruction", np.random.default_rng(0)).prompts
+    assert trained == [instruction_prompt(["vision"], "What colour is the star?")] == asked[:1]
+    assert collate(rows[1:2], "caption", None).prompts == [caption_prompt(["audio"])]
+    # lm_warmup: the text template (no media) is the start of the target; samples generate from it.
+    text = generation_batch(rows[:1], "text")
+    assert text.prompts == [["###Human: What colour is the star? ###Assistant: "]] and text.image is None
+    assert row_prompt(rows[0], "text", "Q?") == ["###Human: Q? ###Assistant: "]
+
+
+def test_the_samples_and_the_evaluator_share_the_generation_path():
+    """workflows/train.py has no prompt text of its own: sample generations go through
+    workflows/evaluate.generate_answers, like the evaluator."""
+    source = (REPO / "workflows" / "train.py").read_text() + (REPO / "workflows" / "evaluate.py").read_text()
+    assert "###Human" not in source and "###Assistant" not in source
+    assert "instruction_prompt" not in source and "caption_prompt" not in source
+
+
+# --- one optimiser/schedule for BuboGPT and grounding ------------------------------------------------
+
+
+def test_grounding_uses_the_shared_schedule_and_groups():
+    from bubogpt.grounding.training import LoopConfig, lr_factor, make_optimizer
+    from bubogpt.training.optim import warmup_cosine
+
+    config = LoopConfig(steps=1000, batch_size=1, lr=2e-3, warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.01)
+    # The grounding schedule as written before the merge: (step + 1) / warmup, then cosine to the floor.
+    for step in (0, 1, 50, 99, 100, 101, 550, 999, 1500):
+        if step < 100:
+            expected = (step + 1) / 100
+        else:
+            expected = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min((step - 100) / 900, 1.0)))
+        assert lr_factor(step, config) == expected  # bit for bit: the shipped weights' recipe
+        assert warmup_cosine(step, 1.0, 0.05, 100, 1000, warmup_offset=1) == expected
+    layer, norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+    optimizer = make_optimizer([(list(layer.parameters()), 0.1), (list(norm.parameters()), 1.0)], config)
+    groups = [(len(g["params"]), g["weight_decay"], g["lr"], g["base_lr"]) for g in optimizer.param_groups]
+    assert groups == [(1, 0.01, 2e-3 * 0.1, 2e-3 * 0.1), (1, 0.0, 2e-3 * 0.1, 2e-3 * 0.1), (2, 0.0, 2e-3, 2e-3)]  # a norm: 1-D only
+
+
+# --- the recipe runs without a launcher ---------------------------------------------------------------
+
+
+class FixedStream:
+    """The same rows every call (a RowStream)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def next_rows(self, decode: bool = True):
+        return self.rows
+
+
+def test_the_recipe_trains_and_resumes_in_one_process_without_ray(model, tmp_path):
+    from bubogpt.training import Callbacks, Resume, TorchStepper, train_stage
+
+    config = make_config(stage="stage2", datasets={"llava_instruct": 1.0, "clotho": 1.0}, max_steps=6, warmup_steps=1,
+                         lr=3e-3, min_lr=1e-3, checkpoint_every=3, log_every=3, train_qformers=True)  # fmt: skip
+    streams = {"llava_instruct": FixedStream([_row("llava_instruct", image=True, instruction="What?", answer="A red star.")] * 2),
+               "clotho": FixedStream([_row("clotho", audio=True, answer="A steady tone.")] * 2)}  # fmt: skip
+    saved, lines, metrics = {}, [], []
+
+    def to_folder(name, write, step_metrics):
+        write(tmp_path / name)
+        saved[name] = step_metrics
+
+    def stepper(model, optimizer, scheduler, config):
+        return TorchStepper(model, optimizer, scheduler, config.grad_accum_steps, config.grad_clip)
+
+    callbacks = Callbacks(to_folder, lines.append, lambda stage, rows: metrics.extend(rows))
+    history = train_stage(model, config, streams, stepper, callbacks)
+    assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6] and history[-1][1] < history[0][1]
+    assert sorted(saved) == ["stage2_step_000003", "stage2_step_000006"]
+    assert [m["lr"] for _, m in metrics] == pytest.approx([learning_rate(s, config) for s in range(1, 7)])
+    assert any("stage2 step 6/6" in line for line in lines) and "stage2: finished 6 steps" in lines[-1]
+    # Resume from the step-3 checkpoint: only steps 4..6 run, the history runs on from the checkpoint.
+    middle = tmp_path / "stage2_step_000003"
+    resumed_model = read_model(middle / "model")
+    state = read_state(middle)
+    resumed = train_stage(resumed_model, config, streams, stepper, Callbacks(to_folder, lines.append),
+                          resume=Resume(state, load_optimizer_state(middle)))  # fmt: skip
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6] and resumed[:3] == history[:3]
+    assert lines[-2].startswith("stage2 step 6/6") and lines[-3].startswith("stage2: steps 3..6")
+
+
+# --- the in-memory stream's position ------------------------------------------------------------------
+
+
+def test_local_stream_state_restores_the_exact_position():
+    import pyarrow as pa
+
+    from workflows.streams import LocalStream
+
+    table = pa.table({"id": list(range(7)), "dataset": ["clotho"] * 7})
+    first = LocalStream(table, 3, {}, seed=5)
+    taken = [[r["id"] for r in first.next_rows(decode=False)] for _ in range(4)]  # crosses an epoch
+    assert sorted(sum(taken[:2], []) + taken[2][:1]) == list(range(7))  # one epoch: every row once
+    state = first.state()
+    assert state == {"seed": 5, "epoch": 1, "position": 5}
+    ahead = [[r["id"] for r in first.next_rows(decode=False)] for _ in range(5)]
+    again = LocalStream(table, 3, {}, seed=0)
+    again.restore(state)
+    assert [[r["id"] for r in again.next_rows(decode=False)] for _ in range(5)] == ahead
+
+
+def test_atomic_directory_keeps_the_old_folder_when_a_write_fails(tmp_path):
+    from bubogpt.atomic import atomic_directory
+
+    with atomic_directory(tmp_path / "out") as staging:
+        (staging / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "a.txt").write_text("second, half written")
+            raise RuntimeError("killed")
+    assert (tmp_path / "out" / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+    with atomic_directory(tmp_path / "out") as staging:
+        (staging / "b.txt").write_text("third")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.txt"]  # replaced, not merged

@@ -17,9 +17,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +52,10 @@ QUESTIONS = (  # asked in turn until an answer names a grounded object
 
 @pytest.fixture(scope="session")
 def chromium() -> Path:
-    """Debian's Chromium, installed with apt-get when missing. A failed install FAILS the tests:
-    a browser test that silently skips would hide a broken page."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    apt_get = shutil.which("apt-get")
-    if apt_get is None:
-        pytest.fail(f"{CHROMIUM} is missing and apt-get is not available to install Debian's chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt_get, "install", "-y", "chromium"]
-    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0:  # a stale package index: refresh it once and retry
-        subprocess.run([apt_get, "update"], capture_output=True, text=True, env=env, timeout=300)
-        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0 or not CHROMIUM.exists():
-        pytest.fail(f"`apt-get install -y chromium` failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    """Debian's Chromium, which the set-up command (scripts/bootstrap.sh, run by `make test`) installs.
+    Missing, the tests FAIL: a browser test that silently skips would hide a broken page."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `bash scripts/bootstrap.sh` (or `apt-get install chromium`)")
     return CHROMIUM
 
 

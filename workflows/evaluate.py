@@ -3,20 +3,21 @@
     bubogpt eval --model DIR --data PREPARED [--json FILE] [--compare DIR2] [--limit N]
                  [--tracking-uri URI]
 
-Each eval row gets one prompt (the same for every model): image QA rows their own question; audio
-rows (clotho, wavcaps) `EVAL_INSTRUCTIONS["sound"]`; image + audio rows (vggss, negative_pairs) one
-shared question, `EVAL_INSTRUCTIONS["source"]`, so only the image and the sound can tell a matched
-pair from a mismatched one. Greedy decoding, at most `MAX_NEW_TOKENS` tokens. Answers are scored
+Each eval row gets one prompt (the same for every model): `row_prompt` in the instruction style
+with its dataset's fixed instruction (`bubogpt.training.prompts.fixed_instruction`): image QA rows
+their own question; audio rows (clotho, wavcaps) `EVAL_INSTRUCTIONS["sound"]`; image + audio rows
+(vggss, negative_pairs) one shared question, `EVAL_INSTRUCTIONS["source"]`, so only the image and
+the sound can tell a matched pair from a mismatched one; captioned images (cc_sbu_align) "Describe
+this picture.", the prompt most likely to draw a sound from a model that hallucinates modalities
+(clotho and wavcaps are the audio-only rows). Greedy decoding, at most `MAX_NEW_TOKENS`. Answers are scored
 from the ground truth in `meta` (bubogpt/evaluation.py). The `Evaluator` (a callable class that loads the
 model once) runs in this process, or as a Ray Data `map_batches` actor with `--ray`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,27 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from bubogpt.conversation import instruction_prompt
 from bubogpt.evaluation import CHANCE, EvalReport, format_table, meets_target
-from bubogpt.training import EVAL_INSTRUCTIONS
-from workflows.data.prepared import decode_row_tensors, read_manifest, shard_paths
+from bubogpt.training import EVAL_INSTRUCTIONS, TrainConfig, fixed_instruction, generation_batch
+from workflows.data.prepared import decode_row_tensors, read_manifest, read_split, shard_paths
+from workflows.options import EvalOptions
 
 EVAL_DATASETS = ("llava_instruct", "cc_sbu_align", "clotho", "wavcaps", "vggss", "negative_pairs")
-# cc_sbu_align rows (captions) are asked to describe the picture: the prompt most likely to draw a
-# description of a sound from a model that hallucinates modalities.
-CAPTION_INSTRUCTION = "Describe this picture."
 MAX_NEW_TOKENS = 80
 BATCH_SIZE = 32
 
 
-def eval_prompt(dataset: str, instruction: str, modalities: list[str]):
-    if dataset == "llava_instruct":
-        return instruction_prompt(modalities, instruction)
-    if dataset == "cc_sbu_align":
-        return instruction_prompt(modalities, CAPTION_INSTRUCTION)
-    if dataset in ("clotho", "wavcaps"):
-        return instruction_prompt(modalities, EVAL_INSTRUCTIONS["sound"])
-    return instruction_prompt(modalities, EVAL_INSTRUCTIONS["source"])
+def generate_answers(model, rows: list[dict[str, Any]], manifest: dict, prompt_style: str = "instruction",
+                     max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device = "cpu") -> list[str]:  # fmt: skip
+    """Greedy answers of `model` to prepared rows, asked the fixed way (`generation_batch`)."""
+    decoded = [{**row, **decode_row_tensors(row, manifest)} for row in rows]
+    batch = generation_batch(decoded, prompt_style).to(device)
+    return model.generate(batch.prompts, image=batch.image, audio=batch.audio, max_new_tokens=max_new_tokens,
+                          do_sample=False, num_beams=1)  # fmt: skip
 
 
 class Evaluator:
@@ -61,31 +58,30 @@ class Evaluator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        prompts, images, audio = [], [], []
-        for row in rows:
-            tensors = decode_row_tensors(row, self.manifest)
-            modalities = []
-            if tensors.get("pixel_values") is not None:
-                modalities.append("vision")
-                images.append(tensors["pixel_values"])
-            if tensors.get("fbank") is not None:
-                modalities.append("audio")
-                audio.append(tensors["fbank"])
-            prompts.append(eval_prompt(row["dataset"], row["instruction"], modalities))
-        answers = self.model.generate(
-            prompts,
-            image=torch.stack(images).to(self.device) if images else None,
-            audio=torch.stack(audio).to(self.device) if audio else None,
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False,
-            num_beams=1,
-        )
+        answers = generate_answers(self.model, rows, self.manifest, device=self.device)
         return {
             "dataset": batch["dataset"],
             "id": batch["id"],
             "meta": batch["meta"],
             "answer": np.array(answers, dtype=object),
         }
+
+
+def sample_generations(model_dir: Path, data_dir: Path, config: TrainConfig, per_dataset: int = 2) -> list[dict]:
+    """A few answers of a stage's model on held-out rows of the stage's datasets, in its prompt style."""
+    from bubogpt.checkpoints.training_state import read_model
+
+    manifest = read_manifest(data_dir)
+    model = read_model(model_dir, trainable_lora=False).eval()
+    samples = []
+    for name in sorted(config.datasets):
+        rows = read_split(data_dir, name, "eval").slice(0, per_dataset).to_pylist()
+        if not rows:
+            continue
+        answers = generate_answers(model, rows, manifest, config.prompt_style, max_new_tokens=48)
+        samples += [{"dataset": name, "id": row["id"], "instruction": row["instruction"], "reference": row["answer"],
+                     "generated": answer} for row, answer in zip(rows, answers)]  # fmt: skip
+    return samples
 
 
 def evaluate_model(
@@ -134,7 +130,7 @@ def report_json(report: EvalReport, model_dir: str | Path) -> dict[str, Any]:
     return {
         "model": str(model_dir),
         "decoding": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_NEW_TOKENS},
-        "instructions": dict(EVAL_INSTRUCTIONS) | {"caption": CAPTION_INSTRUCTION},
+        "instructions": dict(EVAL_INSTRUCTIONS) | {"caption": fixed_instruction({"dataset": "cc_sbu_align"})},
         "metrics": metrics,
         "counts": report.counts(),
         "chance": {m: CHANCE[m] for m in metrics if m in CHANCE},
@@ -156,41 +152,29 @@ def log_evaluation(report: EvalReport, tracker, json_path: str | Path | None = N
     return data
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run_eval(options: EvalOptions) -> int:
     from workflows.tracking import MlflowTracker
 
-    if args.ray:
-        import ray
+    read_manifest(options.data)  # PreparedDataError (a user error) before any model is loaded
+    if options.ray:
+        from workflows.ray_connect import connect
 
-        if not ray.is_initialized():
-            ray.init(address=args.address)
-    models = {"model": args.model}
-    if args.compare:
-        models["compare"] = args.compare
-    results = {name: evaluate_model(path, args.data, limit=args.limit, use_ray=args.ray) for name, path in models.items()}
+        connect(options.address)
+    models = {"model": options.model}
+    if options.compare:
+        models["compare"] = options.compare
+    results = {name: evaluate_model(path, options.data, limit=options.limit, use_ray=options.ray) for name, path in models.items()}
     columns = {Path(path).resolve().parent.name + "/" + Path(path).name: results[name].metrics() for name, path in models.items()}
     print(format_table(columns), flush=True)
     output = {name: report_json(results[name], path) for name, path in models.items()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(output if args.compare else output["model"], indent=2))
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if options.json:
+        Path(options.json).write_text(json.dumps(output if options.compare else output["model"], indent=2))
+    uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        tracker = MlflowTracker.start_job(uri, "eval", {"model": args.model, "compare": args.compare or "", "data": args.data})
+        tracker = MlflowTracker.start_job(uri, "eval", {"model": options.model, "compare": options.compare or "", "data": options.data})
         for name, path in models.items():
             run = tracker.start_stage(f"eval:{name}", {"model": path})
             log_evaluation(results[name], tracker, None, run, path)
             tracker.end_run(run)
         tracker.end_run()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import add_eval_arguments
-
-    parser = argparse.ArgumentParser(prog="bubogpt eval")
-    add_eval_arguments(parser)
-    return run_eval(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

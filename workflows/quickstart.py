@@ -8,6 +8,7 @@ Steps (each skipped when a previous run completed it, so a second run reuses the
   4. the BuboGPT stages on Ray Train (`bubogpt train --stage all`), tracked   -> DIR/model
      (the tiny grounding models are the shipped assets; `--stage grounding` retrains them)
   5. evaluation on the held-out splits (`bubogpt eval`)                       -> DIR/eval.json
+     (steps 2-5 call the same functions as those commands, and print the command each one equals)
   6. the Ray Serve application (LLM + grounding deployments behind one ingress)
   7. one request per input combination (image; audio; image + matched audio; image + unrelated
      audio): answers printed with grounded spans coloured, annotated images -> DIR/annotated/
@@ -18,7 +19,6 @@ Steps (each skipped when a previous run completed it, so a second run reuses the
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -32,6 +32,8 @@ from pathlib import Path
 import requests
 
 from workflows.mlflow_server import free_port, start_mlflow_server, stop_mlflow_server
+from workflows.options import EvalOptions, QuickstartOptions, TrainOptions
+from workflows.ray_connect import connect, forget_cluster, quiet_ray_noise
 
 RAY_RECORD = "ray.json"
 
@@ -95,17 +97,21 @@ def _alive(pid: int) -> bool:
 
 
 def stop(workdir: Path) -> int:
+    """Stop the quickstart's Ray head and MLflow server, and forget the Ray address the way `ray stop`
+    does, so a later plain command starts its own local Ray instead of retrying a dead one."""
     record = workdir / RAY_RECORD
     if record.is_file():
-        pid = json.loads(record.read_text())["pid"]
+        data = json.loads(record.read_text())
         record.unlink()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
             try:
-                os.killpg(pid, sig)
+                os.killpg(data["pid"], sig)
             except ProcessLookupError:
                 break
             time.sleep(3)
-        print(f"stopped Ray (process group {pid})")
+        print(f"stopped Ray (process group {data['pid']})")
+        if forget_cluster(data["address"]):
+            print(f"removed the Ray address file that named {data['address']}")
     if stop_mlflow_server(workdir / "mlflow"):
         print("stopped the MLflow server")
     return 0
@@ -113,14 +119,9 @@ def stop(workdir: Path) -> int:
 
 # -- the pipeline ------------------------------------------------------------------------------------
 
-def cli(argv: list[str]) -> int:
-    from workflows.cli import main
-
-    print("$ bubogpt " + " ".join(argv), flush=True)
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"`bubogpt {' '.join(argv)}` failed with exit code {code}")
-    return code
+def announce(command: str) -> None:
+    """The `bubogpt` command a step equals (what a user would run by hand)."""
+    print(f"$ bubogpt {command}", flush=True)
 
 
 def deploy(model_dir: Path, port: int) -> str:
@@ -208,62 +209,68 @@ def send_requests(url: str, corpus: Path, annotated: Path) -> list[dict]:
     return results
 
 
-def run(args: argparse.Namespace) -> int:
-    workdir = args.workdir.resolve()
-    if args.stop:
+def run_quickstart(options: QuickstartOptions) -> int:
+    workdir = options.workdir.resolve()
+    if options.stop:
         return stop(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     say("1/7 local Ray cluster and MLflow tracking server")
-    address = args.address or start_ray(workdir, args.num_cpus)
+    address = options.address or start_ray(workdir, options.num_cpus)
+    # Workers' output (the training progress lines) comes to this terminal, without Ray's own
+    # warning floods (they stay in the logs); Serve's request log does not (deploy() turns it off).
+    connect(address, log_to_driver=True)
+    quiet_ray_noise()
+    # Imported only now: Ray reads RAY_AUTH_MODE (set by `start_ray`) when it is first imported.
+    from bubogpt.data.synth import synthesize
+    from workflows.evaluate import run_eval
+    from workflows.prepare import run_prepare
+    from workflows.train import run_training
+
     mlflow = start_mlflow_server(workdir / "mlflow")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.uri
-    import ray
-
-    # Workers' output (the training progress lines) comes to this terminal; Serve's request log does not
-    # (deploy() turns it off), so step 7 prints only the answers.
-    ray.init(address=address, log_to_driver=True)
     print(f"Ray at {address}; MLflow at {mlflow.uri}")
 
     corpus, prepared, model = workdir / "corpus", workdir / "prepared", workdir / "model"
     say("2/7 synthetic corpus in the original formats")
     if not done(corpus / "corpus.json"):
-        cli(["data", "synth", "--out", str(corpus), "--seed", str(args.seed), "--size", args.size])
+        announce(f"data synth --out {corpus} --seed {options.seed} --size {options.size}")
+        synthesize(corpus, seed=options.seed, size=options.size)
     else:
         print(f"reusing {corpus}")
 
     say("3/7 Ray Data preparation")
     if not done(prepared / "manifest.json"):
-        cli(["data", "prepare", "--input", str(corpus), "--out", str(prepared), "--preset", "tiny", "--address", address])
+        announce(f"data prepare --input {corpus} --out {prepared} --preset tiny --address {address}")
+        run_prepare(corpus, prepared, preset="tiny", address=address)
     else:
         print(f"reusing {prepared}")
 
     say("4/7 training the BuboGPT stages on Ray Train (MLflow-tracked)")
     if not done(model / "bubogpt_config.json"):
-        train = ["train", "--data", str(prepared), "--out", str(workdir), "--stage", "all", "--preset", "tiny",
-                 "--tracking-uri", mlflow.uri, "--address", address, "--no-eval", "--seed", str(args.seed)]
-        if args.max_steps:
-            train += ["--max-steps", str(args.max_steps)]
-        cli(train)
+        train = TrainOptions(out=workdir, data=prepared, stage="all", preset="tiny", tracking_uri=mlflow.uri,
+                             address=address, eval=False, seed=options.seed, max_steps=options.max_steps)  # fmt: skip
+        announce(f"train --data {prepared} --out {workdir} --stage all --preset tiny --tracking-uri {mlflow.uri} "
+                 f"--address {address} --no-eval --seed {options.seed}"
+                 + (f" --max-steps {options.max_steps}" if options.max_steps else ""))  # fmt: skip
+        run_training(train)
     else:
         print(f"reusing {model}")
 
     say("5/7 evaluation on the held-out splits")
     eval_json = workdir / "eval.json"
     if not done(eval_json):
-        evaluate = ["eval", "--model", str(model), "--data", str(prepared), "--json", str(eval_json),
-                    "--tracking-uri", mlflow.uri]
-        if args.eval_limit:
-            evaluate += ["--limit", str(args.eval_limit)]
-        cli(evaluate)
+        announce(f"eval --model {model} --data {prepared} --json {eval_json} --tracking-uri {mlflow.uri}"
+                 + (f" --limit {options.eval_limit}" if options.eval_limit else ""))  # fmt: skip
+        run_eval(EvalOptions(model=model, data=prepared, json=eval_json, tracking_uri=mlflow.uri, limit=options.eval_limit))
     else:
         print(f"reusing {eval_json}")
         print(json.dumps(json.loads(eval_json.read_text()).get("metrics", {}), indent=2))
 
     say("6/7 Ray Serve: LLM and grounding deployments behind one ingress")
-    url = deploy(model, args.port)
+    url = deploy(model, options.port)
     print(f"serving at {url}")
 
     say("7/7 one request per input combination")
@@ -278,19 +285,6 @@ def run(args: argparse.Namespace) -> int:
   output folder    {workdir}
                    model/ (trained model), eval.json, annotated/*.png, prepared/, corpus/
   Ray cluster      {address}  (token: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={workdir / "ray_auth_token"})
-  stop everything  bubogpt quickstart --workdir {args.workdir} --stop
+  stop everything  bubogpt quickstart --workdir {options.workdir} --stop
 """)
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path("work/quickstart"))
-    parser.add_argument("--size", choices=["tiny", "small", "medium"], default="medium",
-                        help="synthetic corpus size (tiny: a quick check of the code path)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, help="cap each training stage (quick checks)")
-    parser.add_argument("--eval-limit", type=int, help="at most this many eval rows per dataset")
-    parser.add_argument("--port", type=int, default=8000, help="Serve HTTP port (loopback)")
-    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray head")
-    parser.add_argument("--address", help="use this running Ray cluster instead of starting one")
-    parser.add_argument("--stop", action="store_true", help="stop the services a previous run left running")

@@ -7,7 +7,7 @@ the node's threads beats splitting them), reports its log lines and final scores
 `ray.train.report`, and hands the assets back as a Ray checkpoint, which the driver copies to
 `OUT/grounding_tiny/`.
 
-`args` (the `bubogpt train` namespace; only `out` is required, `data` is not used: scenes are drawn):
+Options (`TrainOptions`; only `out` is required, `data` is not used: scenes are drawn):
     out                 output folder
     seed                recipe seed (default 0)
     config              JSON of `GroundingTrainingConfig` fields to override, either at the top level
@@ -15,16 +15,23 @@ the node's threads beats splitting them), reports its log lines and final scores
     address             Ray cluster address (default: start a local Ray)
     use_gpu             train on one GPU (default: False)
     cpus_per_worker     CPU threads for the worker (`bubogpt train` default 1; the shipped weights used 2)
-    data_workers        processes drawing scenes (default: 0; what is drawn does not depend on it)
+`data_workers` (an argument): processes drawing scenes (default: 0; what is drawn does not depend on it)
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from workflows.options import TrainOptions
+
+
+class GroundingJobError(ValueError):
+    """A grounding training job that cannot start (unreadable or invalid config file)."""
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
@@ -41,8 +48,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     rank_zero = ray.train.get_context().get_world_rank() == 0
 
     def log(phase: str, step: int, metrics: dict[str, float]) -> None:
-        if rank_zero:
-            print(json.dumps({"phase": phase, "step": step, **{k: round(v, 5) for k, v in metrics.items()}}), flush=True)
+        if rank_zero:  # sys.stdout.write: a worker's print() is printed twice (see workflows/train.py)
+            sys.stdout.write(json.dumps({"phase": phase, "step": step, **{k: round(v, 5) for k, v in metrics.items()}}) + "\n")
+            sys.stdout.flush()
 
     with tempfile.TemporaryDirectory() as scratch:
         scores = train_tiny_grounding(config, scratch, device, log)
@@ -53,32 +61,38 @@ def train_func(loop_config: dict[str, Any]) -> None:
 def read_overrides(path: str | Path | None) -> dict[str, Any]:
     if not path:
         return {}
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise GroundingJobError(f"cannot read the config file {path}: {err.strerror or err}") from err
+    except json.JSONDecodeError as err:
+        raise GroundingJobError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise GroundingJobError(f"{path}: expected an object of GroundingTrainingConfig fields")
     return data.get("grounding", data)
 
 
-def train_grounding(args) -> dict[str, float]:
-    """Train, then copy the assets to `args.out/grounding_tiny`; returns the validation scores."""
-    import ray
+def train_grounding(options: TrainOptions, data_workers: int = 0) -> dict[str, float]:
+    """Train, then copy the assets to `options.out/grounding_tiny`; returns the validation scores."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from bubogpt.grounding.training import GroundingTrainingConfig
+    from workflows.ray_connect import connect
 
-    out = Path(args.out).resolve()
+    out = Path(options.out).resolve()
+    overrides = read_overrides(options.config)
+    try:
+        config = GroundingTrainingConfig.from_dict({**overrides, "seed": options.seed, "data_workers": data_workers})
+    except (TypeError, ValueError) as err:
+        raise GroundingJobError(f"{options.config}: {err}") from err
     out.mkdir(parents=True, exist_ok=True)
-    overrides = read_overrides(getattr(args, "config", None))
-    config = GroundingTrainingConfig.from_dict(
-        {**overrides, "seed": getattr(args, "seed", 0), "data_workers": getattr(args, "data_workers", 0)}
-    )
-    threads = max(1, int(getattr(args, "cpus_per_worker", None) or 2))
-    use_gpu = bool(getattr(args, "use_gpu", False))
-    if not ray.is_initialized():
-        ray.init(address=getattr(args, "address", None), include_dashboard=False)
+    threads = max(1, int(options.cpus_per_worker or 2))
+    connect(options.address, include_dashboard=False)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": config.to_dict(), "threads": threads},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": threads}),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=options.use_gpu, resources_per_worker={"CPU": threads}),
         run_config=RunConfig(name="grounding", storage_path=str(out / "ray_results")),
     )
     result = trainer.fit()
@@ -93,8 +107,8 @@ def train_grounding(args) -> dict[str, float]:
     return scores
 
 
-def run_grounding_training(args) -> int:
+def run_grounding_training(options: TrainOptions) -> int:
     """`bubogpt train --stage grounding`: prints the validation scores; exit code 0."""
-    scores = train_grounding(args)
-    print(json.dumps({"grounding_assets": str(Path(args.out) / "grounding_tiny"), "validation": scores}, indent=2))
+    scores = train_grounding(options)
+    print(json.dumps({"grounding_assets": str(Path(options.out) / "grounding_tiny"), "validation": scores}, indent=2))
     return 0

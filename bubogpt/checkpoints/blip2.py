@@ -33,6 +33,7 @@ QFORMER_TEXT_SIDE = re.compile(
     r"^(cls\.|bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)"
     r"|bert\.encoder\.layer\.\d+\.(intermediate|output)\.)"
 )
+LN_VISION = "ln_vision."
 
 
 def convert_lavis_qformer(
@@ -57,18 +58,28 @@ def convert_lavis_qformer(
     return converted, ignored
 
 
+def convert_blip2(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """A BLIP-2 state dict -> (vision Q-Former state, `ln_vision` state, ignored keys).
+
+    Everything else in a BLIP-2 file (the ViT itself, ITC/ITM heads, t5_proj, the Q-Former's text
+    side) is listed as ignored: BuboGPT takes its ViT from `eva_vit_g.pth`."""
+    qformer, ignored = convert_lavis_qformer(state, prefix="")
+    ln_vision = {k[len(LN_VISION):]: v for k, v in state.items() if k.startswith(LN_VISION)}
+    used = set(ignored) | {k for k in state if k.startswith(("Qformer.", "query_tokens", LN_VISION))}
+    ignored += [k for k in state if k not in used]
+    return qformer, ln_vision, ignored
+
+
 def load_blip2_vision_qformer(
-    qformer: QFormer, vision_encoder: EvaVisionEncoder, path: str | Path
-) -> tuple[LoadReport, LoadReport]:
-    state = load_torch_file(path)
+    qformer: QFormer, vision_encoder: EvaVisionEncoder | None, path: str | Path
+) -> tuple[LoadReport, LoadReport | None]:
+    """Load the vision Q-Former and (with `vision_encoder`) its `ln_vision` from a BLIP-2 file."""
     name = Path(path).name
-    converted, ignored = convert_lavis_qformer(state, prefix="")
-    known = set(ignored) | {k for k in state if k.startswith(("Qformer.", "query_tokens"))}
-    # Everything else in a BLIP-2 file (ITC/ITM heads, t5_proj, the ViT itself) is unused here.
-    ignored += [k for k in state if k not in known and not k.startswith("ln_vision.")]
+    converted, ln_vision, ignored = convert_blip2(load_torch_file(path))
     qformer_report = assign_state_dict(qformer, converted, f"BLIP-2 Q-Former ({name})", ignored=ignored)
-    ln = {k.removeprefix("ln_vision."): v for k, v in state.items() if k.startswith("ln_vision.")}
-    ln_report = assign_state_dict(
-        vision_encoder.ln_vision, ln, f"BLIP-2 ln_vision ({name})"
-    )
+    if vision_encoder is None:
+        return qformer_report, None
+    ln_report = assign_state_dict(vision_encoder.ln_vision, ln_vision, f"BLIP-2 ln_vision ({name})")
     return qformer_report, ln_report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -25,22 +26,31 @@ TRUNK_PREFIX = "modality_trunks.audio."  # blocks.N.{attn,norm_1,norm_2,mlp}.* k
 IGNORED_PREFIXES = ("modality_heads.audio.",)
 
 
-def convert_imagebind_audio(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Returns (our state dict, ignored source keys). Other modalities' keys are dropped silently:
-    `imagebind_huge.pth` holds vision, text, depth, thermal and IMU too."""
-    converted, ignored = {}, []
+# `imagebind_huge.pth` holds vision, text, depth, thermal and IMU too: known, not used.
+OTHER_MODALITIES = re.compile(r"^modality_(preprocessors|trunks|heads|postprocessors)\.(?!audio\.)")
+
+
+def convert_imagebind_audio(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Returns (our state dict, ignored source keys (the audio head, the other modalities), unexpected
+    source keys (anything else; skipped))."""
+    converted, ignored, unexpected = {}, [], []
     for key, value in state.items():
         if key in KEY_TABLE:
             converted[KEY_TABLE[key]] = value
         elif key.startswith(TRUNK_PREFIX):
             converted[key[len(TRUNK_PREFIX):]] = value
-        elif key.startswith(IGNORED_PREFIXES):
+        elif key.startswith(IGNORED_PREFIXES) or OTHER_MODALITIES.match(key):
             ignored.append(key)
+        else:
+            unexpected.append(key)
     if "log_logit_scale" in converted:
         converted["log_logit_scale"] = converted["log_logit_scale"].reshape(())
-    return converted, ignored
+    return converted, ignored, unexpected
 
 
 def load_imagebind_audio(encoder: ImageBindAudioEncoder, path: str | Path) -> LoadReport:
-    converted, ignored = convert_imagebind_audio(load_torch_file(path))
-    return assign_state_dict(encoder, converted, f"ImageBind audio ({Path(path).name})", ignored=ignored)
+    converted, ignored, unexpected = convert_imagebind_audio(load_torch_file(path))
+    return assign_state_dict(encoder, converted, f"ImageBind audio ({Path(path).name})", ignored=ignored,
+                             unexpected=unexpected)  # fmt: skip

@@ -9,17 +9,14 @@ Unlike the reference, which kept only the trainable parameters (so its stage-2 f
 Q-Former), a checkpoint holds every weight of the encoders and the joiner, and the LLM whenever it is
 not an external, frozen directory (a 7B Vicuna is referenced, not copied).
 
-Writes are atomic: everything goes to a hidden temporary sibling folder that is renamed into place
-at the end, so a write killed half-way leaves the previous checkpoints untouched and no
-half-written folder under a checkpoint name.
+Writes are atomic (`bubogpt.atomic`): everything goes to a hidden temporary sibling folder that is
+renamed into place at the end, so a write killed half-way leaves the previous checkpoints untouched
+and no half-written folder under a checkpoint name.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bubogpt.atomic import atomic_directory
 from bubogpt.checkpoints.native import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from bubogpt.modeling_bubogpt import BuboGPT
 
@@ -112,27 +110,6 @@ def read_model(directory: str | Path, trainable_lora: bool = True) -> BuboGPT:
     return model
 
 
-def atomic_directory(final: str | Path) -> tuple[Path, Path]:
-    """(a fresh temporary sibling of `final`, `final`); `commit` renames the first to the second."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    return staging, final
-
-
-def commit(staging: Path, final: Path) -> Path:
-    """Move a fully written folder into place. An older folder of that name is replaced."""
-    os.chmod(staging, 0o755)
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / "x")
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    return final
-
-
 def save_checkpoint(
     directory: str | Path,
     model: BuboGPT,
@@ -141,22 +118,22 @@ def save_checkpoint(
     include_llm: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. `extra`: {file name: bytes} written beside it."""
-    staging, final = atomic_directory(directory)
-    try:
+    """Write a checkpoint folder atomically (`bubogpt.atomic`). `extra`: {file name: bytes} written beside it."""
+    with atomic_directory(directory) as staging:
         write_model(model, staging / MODEL_DIR, include_llm=include_llm)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
         for name, data in (extra or {}).items():
             (staging / name).write_bytes(data)
-        # The state file goes last and lists every other file with its size: a copy of the folder
-        # (Ray's upload to its storage is file by file) is complete only when all of them arrived.
-        state.files = list_files(staging)
-        (staging / STATE_FILE).write_text(state.to_json())
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return commit(staging, final)
+        write_state(staging, state)
+    return Path(directory)
+
+
+def write_state(directory: Path, state: TrainState) -> None:
+    """The state file goes last and lists every other file with its size: a copy of the folder (Ray's
+    upload to its storage is file by file) is complete only when all of them arrived."""
+    state.files = list_files(directory)
+    (directory / STATE_FILE).write_text(state.to_json())
 
 
 def is_complete(directory: str | Path) -> bool:

@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ import soundfile
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from bubogpt.atomic import replace_directory, staging_directory
 from bubogpt.data import vocab
 
 
@@ -742,8 +742,7 @@ def synthesize(
             )
 
     counts = SIZES[size]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_directory(out)
     try:
         sets: dict[str, Any] = {}
         for set_index, name in enumerate(SET_NAMES):
@@ -777,16 +776,8 @@ def synthesize(
             },
         }
         write_json(staging / "corpus.json", corpus)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():
-        # Empty, or a corpus we wrote (checked above): move it aside first, delete it last.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "corpus")
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    replace_directory(staging, out)  # empty, or a corpus we wrote (checked above)
     return corpus

@@ -27,6 +27,7 @@ scaling by the original (W, H) is exact. The reference sent all tags in one capt
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,16 +90,18 @@ class DetectorConfig:
 def resized_size(width: int, height: int, short: int, longest: int) -> tuple[int, int]:
     """(new_height, new_width): shorter side `short` unless the longer would pass `longest`.
 
-    The same arithmetic as groundingdino-py's `RandomResize([800], max_size=1333)`.
+    The same arithmetic as groundingdino-py's `RandomResize([800], max_size=1333)`, except that no
+    side becomes 0: for an extreme aspect ratio (4000 x 8) that arithmetic rounds the shorter side to
+    0 pixels, which PIL refuses; here it stays at least 1.
     """
     min_side, max_side = float(min(width, height)), float(max(width, height))
     if max_side / min_side * short > longest:
-        short = int(round(longest * min_side / max_side))
+        short = max(1, int(round(longest * min_side / max_side)))
     if (width <= height and width == short) or (height <= width and height == short):
         return height, width
     if width < height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
+        return max(1, int(short * height / width)), short
+    return short, max(1, int(short * width / height))
 
 
 def detector_transform(image: Image.Image, short: int, longest: int) -> torch.Tensor:
@@ -390,12 +393,58 @@ def convert_original_state_dict(checkpoint: dict[str, torch.Tensor]) -> tuple[di
     return state, ignored
 
 
+# groundingdino-py's Swin names by (stage-0 width, window): what `backbone` must be for these shapes.
+SWIN_BACKBONES = {
+    (96, 7): "swin_T_224_1k", (128, 7): "swin_B_224_22k", (128, 12): "swin_B_384_22k",
+    (192, 7): "swin_L_224_22k", (192, 12): "swin_L_384_22k",
+}  # fmt: skip
+DEFORMABLE_POINTS = 4  # enc_n_points / dec_n_points of GroundingDINO_SwinT_OGC.py
+
+
+def infer_grounding_dino_config(state: dict[str, torch.Tensor]) -> OriginalGroundingDinoConfig:
+    """The sizes of a Grounding DINO state dict (`convert_original_state_dict` names) from its
+    shapes: backbone (Swin width and window), hidden width, encoder/decoder depth, feed-forward
+    width, query count, and the head count (the deformable attention's weights are heads x levels x
+    points wide)."""
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in state:
+            raise CheckpointMismatchError(f"checkpoint lacks {key}: not a Grounding DINO state dict?")
+        return state[key]
+
+    def count(template: str) -> int:
+        n = 0
+        while template.format(n) in state:
+            n += 1
+        return n
+
+    swin_width = tensor("backbone.0.patch_embed.proj.weight").shape[0]
+    window = (math.isqrt(tensor("backbone.0.layers.0.blocks.0.attn.relative_position_bias_table").shape[0]) + 1) // 2
+    if (swin_width, window) not in SWIN_BACKBONES:
+        raise CheckpointMismatchError(
+            f"a Swin backbone of width {swin_width} and window {window} is none groundingdino-py builds "
+            f"({sorted(SWIN_BACKBONES)})"
+        )
+    levels, hidden = tensor("transformer.level_embed").shape
+    weights = tensor("transformer.encoder.layers.0.self_attn.attention_weights.weight").shape[0]
+    return OriginalGroundingDinoConfig(
+        backbone=SWIN_BACKBONES[(swin_width, window)],
+        hidden_dim=hidden,
+        nheads=weights // (levels * DEFORMABLE_POINTS),
+        enc_layers=count("transformer.encoder.layers.{}.linear1.weight"),
+        dec_layers=count("transformer.decoder.layers.{}.linear1.weight"),
+        dim_feedforward=tensor("transformer.encoder.layers.0.linear1.weight").shape[0],
+        num_queries=tensor("transformer.tgt_embed.weight").shape[0],
+    )
+
+
 class OriginalGroundingDino(nn.Module):
     """groundingdino-py's GroundingDINO with the same `predict` call as `TinyGroundingDino`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, config: OriginalGroundingDinoConfig | None = None):
         super().__init__()
         self.model = model
+        self.config = config  # the sizes it was built with
         self.tokenizer = model.tokenizer
         self.max_text_len = model.max_text_len
 
@@ -410,19 +459,19 @@ def load_original_grounding_dino(
     bert_dir: str | Path,
     config: OriginalGroundingDinoConfig | None = None,
 ) -> OriginalGroundingDino:
-    """Build groundingdino-py's model and load `groundingdino_swint_ogc.pth` (`{"model": {...}}`)
-    strictly: every model tensor must come from the file, and every file key is used or ignored by
+    """Build groundingdino-py's model (sizes from the file's shapes unless `config` is given) and
+    load `groundingdino_swint_ogc.pth` (`{"model": {...}}`) strictly: every model tensor must come from the file, and every file key is used or ignored by
     name (`ORIGINAL_IGNORED_KEYS`); a shape mismatch names the key and both shapes."""
-    config = config or OriginalGroundingDinoConfig()
     checkpoint = load_torch_file(checkpoint_path)
     state, ignored = convert_original_state_dict(checkpoint)
+    config = config or infer_grounding_dino_config(state)
     model = build_original_grounding_dino(config, bert_dir)
     report = assign_state_dict(model, state, f"Grounding DINO ({Path(checkpoint_path).name})", ignored=ignored)
     if report.unexpected:
         raise CheckpointMismatchError(
             f"{checkpoint_path}: keys this Grounding DINO config has no place for: {report.unexpected[:10]}"
         )
-    return OriginalGroundingDino(model.eval())
+    return OriginalGroundingDino(model.eval(), config)
 
 
 # ---------------------------------------------------------------------------------------------------

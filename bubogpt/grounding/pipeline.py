@@ -101,16 +101,21 @@ class GroundingPipeline:
         self.segmenter = segmenter
         self.matcher = matcher or RuleMatcher()
 
-    def ground_images(self, images: Sequence[Image.Image]) -> list[list[Entity]]:
-        """Entities per image. The tagger runs on the whole batch; detection and segmentation per image."""
+    def detect_and_segment(self, images: Sequence[Image.Image]) -> list[tuple[list[Detection], np.ndarray]]:
+        """Per image, the detections on its own tags and one (H, W) mask per detection: every box and
+        mask its entities will hold. The tagger runs on the whole batch; detection and segmentation per image."""
         images = [image.convert("RGB") for image in images]
         results = []
         for image, tags in zip(images, self.tagger.tag(images)):
             detections = self.detector.detect(image, tags)
-            pixels = np.asarray(image)
-            masks = self.segmenter.segment(pixels, [d.box for d in detections])
-            results.append(build_entities(pixels, detections, masks))
+            results.append((detections, self.segmenter.segment(np.asarray(image), [d.box for d in detections])))
         return results
+
+    def ground_images(self, images: Sequence[Image.Image]) -> list[list[Entity]]:
+        """Entities per image (`detect_and_segment`, grouped by `build_entities`)."""
+        images = [image.convert("RGB") for image in images]
+        return [build_entities(np.asarray(image), detections, masks)
+                for image, (detections, masks) in zip(images, self.detect_and_segment(images))]
 
     def ground_image(self, image: Image.Image) -> list[Entity]:
         return self.ground_images([image])[0]
@@ -219,11 +224,46 @@ def load_original_grounding(directory: str | Path, matcher: RuleMatcher | LLMMat
     return GroundingPipeline(ImageTagger(ram.to(device), thresholds), detector, SamSegmenter(sam), matcher)
 
 
+def load_converted_grounding(directory: str | Path, matcher: RuleMatcher | LLMMatcher | None = None,
+                             device: str | torch.device = "cpu") -> GroundingPipeline:
+    """The pipeline from a folder written by `bubogpt convert-grounding` (bubogpt/convert.py):
+    `grounding.json` holds every size and the detector settings; the weights are safetensors."""
+    from bubogpt.checkpoints.common import CheckpointMismatchError
+    from bubogpt.checkpoints.native import load_weights
+    from bubogpt.convert import GROUNDING_FILES, GROUNDING_MANIFEST
+    from bubogpt.grounding.detector import OriginalGroundingDino, OriginalGroundingDinoConfig, build_original_grounding_dino
+    from bubogpt.grounding.ram import RAMConfig
+    from bubogpt.grounding.ram_checkpoint import read_tag_list, read_tag_thresholds
+    from bubogpt.grounding.segmenter import SamConfig, build_sam
+
+    directory = Path(directory)
+    manifest = json.loads((directory / GROUNDING_MANIFEST).read_text())
+    files = {key: directory / name for key, name in GROUNDING_FILES.items()}
+    ram_config = RAMConfig(**manifest["ram"])
+    tags = read_tag_list(files["ram_tags"], ram_config.num_tags)
+    thresholds = read_tag_thresholds(files["ram_thresholds"], ram_config.num_tags)
+    ram = RAMTagger(ram_config, tag_names=tags)
+    dino_config = OriginalGroundingDinoConfig(**manifest["grounding_dino"])
+    dino = build_original_grounding_dino(dino_config, files["bert"])
+    sam = build_sam(SamConfig(**manifest["sam"]))
+    for key, module in (("ram", ram), ("grounding_dino", dino), ("sam", sam)):
+        report = load_weights(module, files[key], source=f"{directory.name}/{files[key].name}")
+        if report.unexpected:
+            raise CheckpointMismatchError(f"{files[key]}: tensors with no place in the model: {report.unexpected[:10]}")
+    detector = GroundingDetector(OriginalGroundingDino(dino.eval(), dino_config).to(device),
+                                 DetectorConfig(**manifest["detector"]))  # fmt: skip
+    return GroundingPipeline(ImageTagger(ram.eval().to(device), thresholds), detector,
+                             SamSegmenter(sam.eval().to(device)), matcher)  # fmt: skip
+
+
 def load_grounding(directory: str | Path | None = None, matcher: RuleMatcher | LLMMatcher | None = None,
                    device: str | torch.device = "cpu") -> GroundingPipeline:
-    """The shipped tiny models (directory None), a folder in the tiny layout, or the released models."""
+    """The shipped tiny models (directory None), a folder in the tiny layout, one written by
+    `bubogpt convert-grounding` (with grounding.json), or the released files as published."""
     if directory is None:
         return load_tiny_grounding(TINY_ASSETS, matcher, device)
     if (Path(directory) / RAM_FILES[0]).is_file():
         return load_tiny_grounding(directory, matcher, device)
+    if (Path(directory) / "grounding.json").is_file():
+        return load_converted_grounding(directory, matcher, device)
     return load_original_grounding(directory, matcher, device)

@@ -3,10 +3,14 @@
 The file is `{"model": state_dict}` written by the original RAM code. Conversion is a pure
 state-dict -> state-dict function with an explicit key table; loading accounts for every key:
 
-- renamed: the tagging path (Swin, image_proj, label_embed, wordvec_proj, tagging_head, fc);
+- renamed: the tagging path (Swin, image_proj, label_embed, wordvec_proj, tagging_head, fc); older
+  RAM files call the tagging head `vision_multi.*`, which is read as `tagging_head.*` (as the
+  original's `load_checkpoint_swinlarge` renames it, ram/models/utils.py:270-272);
 - ignored, listed by group: the captioning branch (`tag_encoder.*`, `text_decoder.*`) and the Swin
   buffers that `SwinEncoder` rebuilds (`*.relative_position_index`, `*.attn_mask`);
-- anything else is an error, as is a model key the file lacks or a tensor of the wrong shape.
+- anything else is listed in the report as unexpected and skipped (the original loads with
+  `strict=False`, ram/models/utils.py:274); a model key the file lacks or a tensor of the wrong shape
+  is an error naming the file, the key and the shapes.
 
 The tag list and per-tag thresholds are user-supplied text files, one entry a line, in checkpoint
 order (`ram_tag_list.txt`, `ram_tag_list_threshold.txt` in the RAM release).
@@ -15,6 +19,7 @@ order (`ram_tag_list.txt`, `ram_tag_list_threshold.txt` in the RAM release).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +31,8 @@ import torch
 from bubogpt.checkpoints.common import CheckpointMismatchError  # noqa: F401 (re-exported)
 from bubogpt.grounding.ram import RAMConfig, RAMTagger
 
+logger = logging.getLogger(__name__)
+
 # Checkpoint prefix -> model prefix, for the parts whose inner names are kept.
 RENAMED_PREFIXES = (
     ("visual_encoder.", "vision_encoder."),  # Swin: same inner names (patch_embed, layers.i.blocks.j, norm)
@@ -34,6 +41,8 @@ RENAMED_PREFIXES = (
     ("fc.", "classifier."),
 )
 RENAMED_KEYS = {"label_embed": "label_embed"}
+# The older name of the tagging head, and the current one.
+OLD_TAGGING_HEAD, TAGGING_HEAD = "vision_multi.", "tagging_head."
 
 # tagging_head.encoder.layer.<i>.<BERT module>.{weight,bias} -> tagging_head.<i>.<our module>.*
 TAGGING_LAYER_KEY = re.compile(r"^tagging_head\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
@@ -72,10 +81,17 @@ class RAMLoadReport:
 
     loaded: int
     ignored: dict[str, list[str]] = field(default_factory=dict)  # group ("tag_encoder.*", ...) -> keys
+    unexpected: list[str] = field(default_factory=list)  # keys the tagger has no use for: skipped
+    renamed_old_head: int = 0  # `vision_multi.*` keys read as `tagging_head.*`
 
     def summary(self) -> str:
         groups = ", ".join(f"{group} ({len(keys)})" for group, keys in self.ignored.items())
-        return f"loaded {self.loaded} tensors; ignored {groups or 'nothing'}"
+        text = f"loaded {self.loaded} tensors; ignored {groups or 'nothing'}"
+        if self.renamed_old_head:
+            text += f"; {self.renamed_old_head} vision_multi.* keys read as tagging_head.*"
+        if self.unexpected:
+            text += f"; skipped {len(self.unexpected)} unexpected keys {self.unexpected[:5]}"
+        return text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,6 +142,18 @@ def read_tag_thresholds(path: str | Path, num_tags: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
+def rename_old_tagging_head(checkpoint: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """`vision_multi.*` -> `tagging_head.*` (older RAM files). Returns (state, keys renamed)."""
+    renamed = {}
+    for key, tensor in checkpoint.items():
+        if key.startswith(OLD_TAGGING_HEAD):
+            key = TAGGING_HEAD + key[len(OLD_TAGGING_HEAD):]
+            if key in checkpoint:
+                raise CheckpointMismatchError(f"checkpoint has both {key} and its older name vision_multi.*")
+        renamed[key] = tensor
+    return renamed, sum(k.startswith(OLD_TAGGING_HEAD) for k in checkpoint)
+
+
 def ignored_group(key: str) -> str | None:
     """The group a checkpoint key is ignored under, or None if the tagger needs it."""
     for prefix in IGNORED_PREFIXES:
@@ -166,8 +194,9 @@ def original_key(model_key: str) -> str:
 
 def convert_ram_state_dict(
     checkpoint: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Original keys -> (model state dict, ignored keys by group). Unknown keys raise."""
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], list[str]]:
+    """Original keys -> (model state dict, ignored keys by group, unknown keys). `vision_multi.*`
+    must already be renamed (`rename_old_tagging_head`)."""
     converted: dict[str, torch.Tensor] = {}
     ignored: dict[str, list[str]] = {}
     unknown = []
@@ -181,33 +210,35 @@ def convert_ram_state_dict(
             unknown.append(key)
         else:
             converted[new_key] = tensor
-    if unknown:
-        raise CheckpointMismatchError(f"checkpoint keys the RAM key table does not know: {unknown[:20]}")
-    return converted, ignored
+    return converted, ignored, unknown
 
 
-def load_ram_state_dict(model: RAMTagger, checkpoint: dict[str, torch.Tensor]) -> RAMLoadReport:
-    """Copy an original-format state dict into `model`; every key loaded, ignored, or an error."""
-    converted, ignored = convert_ram_state_dict(checkpoint)
+def load_ram_state_dict(
+    model: RAMTagger, checkpoint: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> RAMLoadReport:
+    """Copy an original-format state dict into `model`: every model key must come from it with its
+    shape (else an error naming `source`, the key and the shapes, and nothing is loaded); keys the
+    tagger does not use are ignored by group or, when unknown, reported as unexpected and skipped."""
+    checkpoint, renamed = rename_old_tagging_head(checkpoint)
+    converted, ignored, unknown = convert_ram_state_dict(checkpoint)
     expected = model.state_dict()
-    missing = [original_key(key) for key in expected if key not in converted]
+    missing = [f"{original_key(key)} {tuple(expected[key].shape)}" for key in expected if key not in converted]
     if missing:
         raise CheckpointMismatchError(
-            f"checkpoint lacks {len(missing)} tensors the tagger needs: {missing[:20]}"
-        )
-    unexpected = [original_key(key) for key in converted if key not in expected]
-    if unexpected:
-        raise CheckpointMismatchError(
-            f"checkpoint has tensors this RAMConfig has no place for: {unexpected[:20]}"
+            f"{source} lacks {len(missing)} tensors the tagger needs (key and shape): {missing[:20]}"
         )
     for key, tensor in converted.items():
-        if tensor.shape != expected[key].shape:
+        if key in expected and tensor.shape != expected[key].shape:
             raise CheckpointMismatchError(
-                f"{original_key(key)}: checkpoint shape {tuple(tensor.shape)} "
+                f"{source}: {original_key(key)}: checkpoint shape {tuple(tensor.shape)} "
                 f"!= model shape {tuple(expected[key].shape)} (model key {key})"
             )
-    model.load_state_dict(converted, strict=True)
-    return RAMLoadReport(loaded=len(converted), ignored=ignored)
+    unexpected = sorted(unknown + [original_key(key) for key in converted if key not in expected])
+    model.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=True)
+    report = RAMLoadReport(loaded=len(expected), ignored=ignored, unexpected=unexpected, renamed_old_head=renamed)
+    if unexpected:
+        logger.warning("%s: keys the tagger does not use, skipped: %s", source, unexpected[:20])
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,9 +353,12 @@ def load_ram_tagger(
     """(tagger in eval mode with its tag names, thresholds (num_tags,), load report)."""
     checkpoint = read_ram_checkpoint(checkpoint_path)
     config_json = json.loads(Path(config_json_path).read_text()) if config_json_path else None
-    config = infer_ram_config(checkpoint, config_json)
+    try:
+        config = infer_ram_config(rename_old_tagging_head(checkpoint)[0], config_json)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{checkpoint_path}: {error}") from None
     tags = read_tag_list(tag_list_path, config.num_tags)
     thresholds = read_tag_thresholds(thresholds_path, config.num_tags)
     model = RAMTagger(config, tag_names=tags)
-    report = load_ram_state_dict(model, checkpoint)
+    report = load_ram_state_dict(model, checkpoint, source=str(checkpoint_path))
     return model.eval(), thresholds, report

@@ -217,17 +217,28 @@ def read_sam_config(path: str | Path) -> SamConfig:
 # ---------------------------------------------------------------------------------------------------
 
 
+class SafeResizeLongestSide(ResizeLongestSide):
+    """segment-anything's resize, except that no side becomes 0: for an extreme aspect ratio
+    (4000 x 1) its rounding makes the shorter side 0 pixels, which PIL refuses; here it stays >= 1.
+    Every other size is the same as segment-anything's."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(1, newh), max(1, neww)
+
+
 def sam_input(sam: Sam, image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (1, 3, S, S): resized so the longer side is S, normalised, padded
     (exactly what `SamPredictor.set_image` does)."""
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    transform = SafeResizeLongestSide(sam.image_encoder.img_size)
     resized = torch.as_tensor(transform.apply_image(image), device=sam.device).permute(2, 0, 1)[None]
     return sam.preprocess(resized.float())
 
 
 def sam_box_prompts(sam: Sam, boxes: np.ndarray, original_size: tuple[int, int]) -> torch.Tensor:
     """(N, 4) pixel xyxy of the original (H, W) image -> (N, 4) in the resized input's pixels."""
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    transform = SafeResizeLongestSide(sam.image_encoder.img_size)
     return transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float32, device=sam.device), original_size)
 
 
@@ -252,7 +263,7 @@ class SamSegmenter:
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the resized image inside SAM's padded square input."""
-        return ResizeLongestSide.get_preprocess_shape(height, width, self.sam.image_encoder.img_size)
+        return SafeResizeLongestSide.get_preprocess_shape(height, width, self.sam.image_encoder.img_size)
 
     @torch.no_grad()
     def mask_logits(self, image: Image.Image | np.ndarray, boxes) -> torch.Tensor:

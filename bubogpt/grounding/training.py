@@ -54,6 +54,7 @@ from bubogpt.grounding.detector import (
 from bubogpt.grounding.ram import RAMTagger, preprocess_image, ram_tiny
 from bubogpt.grounding.scenes import TAGS, GroundingScene, draw_scenes, draw_scenes_parallel
 from bubogpt.grounding.segmenter import SamSegmenter, build_sam, sam_box_prompts, sam_input, sam_tiny
+from bubogpt.training.optim import adamw, decay_groups, warmup_cosine
 
 LogFn = Callable[[str, int, dict[str, float]], None]
 
@@ -77,24 +78,18 @@ class LoopConfig:
 
 
 def lr_factor(step: int, config: LoopConfig) -> float:
-    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    """Linear warm-up from 0 over `warmup_steps` (1/warmup_steps at step 0), then cosine decay to
+    `min_lr_ratio` (the shared schedule of `bubogpt.training.optim`)."""
+    return warmup_cosine(step, 1.0, config.min_lr_ratio, config.warmup_steps, config.steps, warmup_offset=1)
 
 
 def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], config: LoopConfig) -> torch.optim.AdamW:
     """AdamW over (parameters, lr multiplier) groups; weight decay on >= 2-D weights only."""
     param_groups = []
     for params, multiplier in groups:
-        decay = [p for p in params if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
-        for subset, weight_decay in ((decay, config.weight_decay), (no_decay, 0.0)):
-            if subset:
-                param_groups.append({"params": subset, "lr": config.lr * multiplier,
-                                     "weight_decay": weight_decay, "base_lr": config.lr * multiplier})  # fmt: skip
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
+        lr = config.lr * multiplier
+        param_groups += decay_groups(params, config.weight_decay, lr=lr, base_lr=lr)
+    return adamw(param_groups)
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list, step: int, config: LoopConfig) -> float:

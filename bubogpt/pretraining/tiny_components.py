@@ -208,7 +208,7 @@ def score_vision(encoder: EvaVisionEncoder, heads: VisionHeads, pool: PicturePoo
 def init_position_codes(encoder: EvaVisionEncoder, scale: float = 2.0) -> None:
     """Start the position embedding as a 2-D sin-cos code of the patch grid (it stays trainable), so
     a Q-Former can later start with queries that look at places (`init_place_queries`)."""
-    from bubogpt.training import sincos_2d
+    from bubogpt.training.tiny import sincos_2d
 
     grid = encoder.config.img_size // encoder.config.patch_size
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")

@@ -1,0 +1,288 @@
+"""The stages of BuboGPT's recipe and their hyper-parameters: `TrainConfig`, the presets' values
+(`stage_configs`), which stages a job runs (`resolve_stages`) and overrides from a file or flags.
+
+Stages (in the order `--stage all` runs them):
+
+    lm_warmup     tiny only. The tiny preset has no pretrained Vicuna: language-model the tiny LLM on
+                  the corpus text (instruction + answer, in the stage-2 template, no media).
+    vision_align  tiny only. The tiny preset has no pretrained BLIP-2 / MiniGPT-4: train the vision
+                  encoder, the vision Q-Former, the vision projection and the LLM on image captions and
+                  image QA (what the real recipe receives pretrained).
+    stage1        audio alignment (reference): audio Q-Former + audio projection on audio captions,
+                  no instruction: `[BOS] + audio tokens + caption + end_sym`.
+    stage2        multimodal instruction tuning (reference): both projections on image captions,
+                  image QA, detailed audio captions, sound localisation and negative image-audio
+                  pairs, in the `###Human: ... ###Assistant: ` template.
+
+`stage_configs(preset)` gives the reference values (7b/13b) or the tiny recipe. Flags that train
+more than the reference (`train_vision_encoder`, `train_audio_encoder`, `train_llm`) exist for the
+tiny preset only and are off for 7b/13b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGE_ORDER = ("lm_warmup", "vision_align", "stage1", "stage2")
+TINY_ONLY_STAGES = ("lm_warmup", "vision_align")
+
+# How a stage turns a record into (prompt, target).
+PROMPT_STYLES = ("text", "caption", "instruction")
+
+# Sample ratios of the reference recipe (BUBOGPT_REFERENCE.md, "Training recipe"). WavCaps' four
+# subsets (BBC 31, AudioSet-SL 108, SoundBible 2, FreeSound 262) are one `wavcaps` dataset here.
+STAGE1_RATIOS = {"wavcaps": 1.0}
+STAGE2_RATIOS = {"cc_sbu_align": 3.0, "llava_instruct": 150.0, "clotho": 4.0, "vggss": 5.0, "negative_pairs": 3.0}
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run (unknown stage or field, bad values)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the LLM's attention projections (peft). Off by default, as in the paper."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one stage. Steps are optimiser steps (each of `grad_accum_steps` batches)."""
+
+    stage: str
+    datasets: dict[str, float]  # dataset -> sample ratio; each batch comes from one dataset
+    prompt_style: str  # one of PROMPT_STYLES
+    batch_size: int  # per worker
+    lr: float  # peak ("init_lr" in the reference)
+    min_lr: float
+    warmup_start_lr: float
+    warmup_steps: int
+    max_steps: int
+    max_txt_len: int  # target tokens kept per sample
+    weight_decay: float = 0.05  # on >= 2-D weights only
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None  # max gradient norm; the reference does not clip
+    precision: str = "fp16"  # autocast dtype on GPU: fp16 | bf16 | fp32; CPU always runs fp32
+    train_qformers: bool = False  # stage2 option: unfreeze both Q-Formers
+    lora: LoraSettings | None = None  # LoRA on the LLM (stage2 option)
+    # Tiny preset only: also train what the real recipe receives pretrained.
+    train_vision_encoder: bool = False
+    train_audio_encoder: bool = False
+    train_llm: bool = False
+    use_precomputed_tokens: bool = True  # use vision/audio_tokens columns when the encoder is frozen
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, Mapping):
+            self.lora = LoraSettings(**self.lora)
+        if self.lora is not None and isinstance(self.lora.target_modules, list):
+            self.lora.target_modules = tuple(self.lora.target_modules)
+        self.betas = tuple(self.betas)
+        self.datasets = {str(k): float(v) for k, v in self.datasets.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        if self.stage not in STAGE_ORDER:
+            raise TrainConfigError(f"unknown stage {self.stage!r}; expected one of {STAGE_ORDER}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise TrainConfigError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.precision not in ("fp16", "bf16", "fp32"):
+            raise TrainConfigError(f"precision must be fp16, bf16 or fp32, got {self.precision!r}")
+        if not self.datasets or any(r <= 0 for r in self.datasets.values()):
+            raise TrainConfigError(f"{self.stage}: datasets need positive sample ratios, got {self.datasets}")
+        for name in ("batch_size", "max_steps", "grad_accum_steps", "log_every", "checkpoint_every", "max_txt_len"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{self.stage}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise TrainConfigError(f"{self.stage}: warmup_steps must be >= 0, got {self.warmup_steps}")
+        trained_encoders = [n for n in ("train_vision_encoder", "train_audio_encoder") if getattr(self, n)]
+        if self.use_precomputed_tokens and trained_encoders:
+            # Tokens precomputed by a frozen copy would go stale as the encoder trains, and the
+            # encoder would get no gradient.
+            raise TrainConfigError(
+                f"{self.stage}: use_precomputed_tokens needs frozen encoders, but {', '.join(trained_encoders)} is set"
+            )
+        if not 0 <= self.min_lr <= self.lr or not 0 <= self.warmup_start_lr <= self.lr:
+            raise TrainConfigError(
+                f"{self.stage}: need 0 <= min_lr, warmup_start_lr <= lr; got lr={self.lr}, "
+                f"min_lr={self.min_lr}, warmup_start_lr={self.warmup_start_lr}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise TrainConfigError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as err:  # a value of the wrong type (e.g. "lr": "fast")
+            raise TrainConfigError(f"bad TrainConfig values: {err}") from err
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **overrides})
+
+
+def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
+    """The released recipe (7b/13b): 4 x 5000 iterations of stage 1, 10 x 5000 of stage 2."""
+    stage2_txt_len = 196 if preset == "7b" else 160
+    return {
+        "stage1": TrainConfig(
+            stage="stage1", datasets=dict(STAGE1_RATIOS), prompt_style="caption", batch_size=64,
+            lr=1e-4, min_lr=8e-5, warmup_start_lr=1e-6, warmup_steps=5000, max_steps=4 * 5000,
+            max_txt_len=128, log_every=50, checkpoint_every=5000,
+        ),
+        "stage2": TrainConfig(
+            stage="stage2", datasets=dict(STAGE2_RATIOS), prompt_style="instruction", batch_size=12,
+            lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=5000, max_steps=10 * 5000,
+            max_txt_len=stage2_txt_len, log_every=50, checkpoint_every=5000,
+        ),
+    }  # fmt: skip
+
+
+def tiny_stage_configs() -> dict[str, TrainConfig]:
+    """The quickstart recipe of the tiny preset: all stages within 15 minutes on 2 CPU cores
+    (measured on the medium corpus: 14.8 min with Ray start-up, on 2 cores shared with other jobs
+    at load average 5-17; results in benchmarks/train_quickstart.md).
+
+    Nothing of the tiny model is pretrained, so the two tiny-only stages come first, and stage 1/2
+    also train the encoders' and the LLM's stand-ins where the real model brings them trained; the
+    starting model has the spatial prior of `init_spatial_prior`. Learning rates are ~10-30x the
+    reference: tiny randomly initialised modules, few steps.
+    """
+    image_sets = {"cc_sbu_align": 1.0, "llava_instruct": 3.0}
+    every_set = {"wavcaps": 2.0, "cc_sbu_align": 1.0, "llava_instruct": 2.0, "clotho": 1.0, "vggss": 1.0, "negative_pairs": 1.0}
+    # Stage 2 keeps the reference's datasets; the ratios are flattened so that the small localisation
+    # and negative sets are seen often enough in a few hundred steps (reference: 3/150/4/5/3).
+    stage2_sets = {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 2.0, "negative_pairs": 2.0}
+    return {
+        "lm_warmup": TrainConfig(
+            stage="lm_warmup", datasets=every_set, prompt_style="text", batch_size=32,
+            lr=3e-3, min_lr=3e-4, warmup_start_lr=1e-5, warmup_steps=10, max_steps=150,
+            max_txt_len=160, grad_clip=1.0, train_llm=True, log_every=10, checkpoint_every=75,
+        ),
+        "vision_align": TrainConfig(
+            stage="vision_align", datasets=image_sets, prompt_style="instruction", batch_size=16,
+            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=50, max_steps=1000,
+            max_txt_len=96, grad_clip=1.0, train_vision_encoder=True, train_llm=True,
+            use_precomputed_tokens=False, log_every=25, checkpoint_every=250,
+        ),
+        "stage1": TrainConfig(
+            stage="stage1", datasets=dict(STAGE1_RATIOS), prompt_style="caption", batch_size=16,
+            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=20, max_steps=300,
+            max_txt_len=64, grad_clip=1.0, train_audio_encoder=True, use_precomputed_tokens=False,
+            log_every=25, checkpoint_every=150,
+        ),
+        "stage2": TrainConfig(
+            stage="stage2", datasets=stage2_sets, prompt_style="instruction", batch_size=16,
+            lr=5e-4, min_lr=5e-5, warmup_start_lr=1e-5, warmup_steps=40, max_steps=900,
+            max_txt_len=96, grad_clip=1.0, train_qformers=True, train_llm=True,
+            use_precomputed_tokens=False, log_every=25, checkpoint_every=300,
+        ),
+    }  # fmt: skip
+
+
+def stage_configs(preset: str) -> dict[str, TrainConfig]:
+    """The stages of a preset, in running order."""
+    if preset == "tiny":
+        return tiny_stage_configs()
+    if preset in ("7b", "13b"):
+        return reference_stage_configs(preset)
+    raise TrainConfigError(f"unknown preset {preset!r}; expected tiny, 7b or 13b")
+
+
+def resolve_stages(preset: str, stage: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> list[TrainConfig]:
+    """The configs to run for `--stage NAME[,NAME...]|all` (in recipe order), with per-stage overrides
+    ({stage: {field: value}})."""
+    configs = stage_configs(preset)
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(configs)
+    if unknown:
+        raise TrainConfigError(f"overrides for stages {sorted(unknown)} that preset {preset} does not have: {sorted(configs)}")
+    names = list(configs) if stage == "all" else [n.strip() for n in stage.split(",")]
+    for name in names:
+        if name not in configs:
+            hint = " (tiny-only stage)" if name in TINY_ONLY_STAGES else ""
+            raise TrainConfigError(f"preset {preset} has no stage {name!r}{hint}; expected one of {sorted(configs)} or 'all'")
+    names = [n for n in configs if n in names]  # always in recipe order
+    resolved = [configs[n].with_overrides(overrides.get(n, {})) for n in names]
+    if preset != "tiny":
+        for config in resolved:
+            extra = [f for f in ("train_vision_encoder", "train_audio_encoder", "train_llm") if getattr(config, f)]
+            if extra:
+                raise TrainConfigError(f"{config.stage}: {extra} are tiny-preset options, off for {preset}")
+    return resolved
+
+
+def load_overrides(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A JSON (or YAML) file {stage: {field: value}}. A missing or unreadable file is a
+    `TrainConfigError` (a user error), not a traceback."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise TrainConfigError(f"cannot read the config file {path}: {err.strerror or err}") from err
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TrainConfigError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise TrainConfigError(f"{path}: expected an object {{stage: {{field: value}}}}")
+    return data
+
+
+def with_job_overrides(configs: list[TrainConfig], max_steps: int | None = None,
+                       batch_size: int | None = None) -> list[TrainConfig]:  # fmt: skip
+    """`--max-steps` / `--batch-size` on every stage. A shortened stage keeps its shape: warm-up at
+    most a fifth of the steps, and it still logs and checkpoints (at least at its end)."""
+    changed = []
+    for config in configs:
+        overrides: dict[str, Any] = {}
+        if max_steps is not None:
+            overrides["max_steps"] = max_steps
+            overrides["warmup_steps"] = min(config.warmup_steps, max_steps // 5)
+            overrides["checkpoint_every"] = min(config.checkpoint_every, max_steps)
+            overrides["log_every"] = min(config.log_every, max_steps)
+        if batch_size is not None:
+            overrides["batch_size"] = batch_size
+        changed.append(config.with_overrides(overrides))
+    return changed
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and tuples become strings. For tracking params."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(v) for v in value)
+        else:
+            flat[name] = value
+    return flat
+
+
