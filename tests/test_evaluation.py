@@ -9,6 +9,7 @@ from bubogpt.evaluation import (
     SOUND_WORDS,
     EvalReport,
     ScoringError,
+    describes_image,
     format_table,
     meets_target,
     named_sounds,
@@ -16,9 +17,9 @@ from bubogpt.evaluation import (
     score_image_qa,
     score_localisation,
     score_sound,
-    describes_image,
     talks_about_sound,
 )
+from workflows.evaluate import report_json
 
 
 def qa_meta(qtype, key):
@@ -159,6 +160,13 @@ def test_modality_hallucination_rate_counts_single_modality_answers_that_describ
     assert metrics["modality_hallucination_audio_only"] == 1 / 3
     assert metrics["caption_objects"] == 0.5 and metrics["image_qa_count"] == 0.0
     assert meets_target("modality_hallucination_rate", 0.04) and not meets_target("modality_hallucination_rate", 0.5)
+    # eval.json carries the rates and, next to the scores, the chance of each question type.
+    data = report_json(report, "model")
+    assert data["metrics"]["modality_hallucination_audio_only"] == 1 / 3
+    assert data["chance"] == {"image_qa_colour": 1 / len(vocab.COLOUR_NAMES), "image_qa_count": 1 / 3,
+                              "sound_kind": 1 / len(vocab.SOUND_KINDS), "sound_kind_clotho": 1 / len(vocab.SOUND_KINDS),
+                              "sound_kind_wavcaps": 1 / len(vocab.SOUND_KINDS), "localisation": CHANCE["localisation"],
+                              "localisation_position": CHANCE["localisation_position"], "false_alarm_rate": 0.5}  # fmt: skip
 
 
 def test_table_shows_chance_next_to_each_score():
