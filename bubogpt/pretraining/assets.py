@@ -24,6 +24,7 @@ from bubogpt.config import AudioEncoderConfig, BuboGPTConfig, QFormerConfig, Vis
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 AUDIO_DIR, VISION_DIR, LLM_DIR = ASSETS / "tiny_imagebind", ASSETS / "tiny_vision", ASSETS / "tiny_llm"
 CONFIG_FILE = "config.json"
+PROBE_HEADS = "probe_heads.pth"  # the pretraining's classification heads: how a test scores an encoder
 
 # Ours -> LAVIS, the inverse of `checkpoints.blip2.QFORMER_RENAMES` (most specific first).
 _TO_LAVIS = [
@@ -71,14 +72,27 @@ def lavis_qformer_state(qformer_state: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def save_audio_asset(encoder, out_dir: Path) -> None:
+def save_audio_asset(encoder, out_dir: Path, heads=None) -> None:
+    """The ImageBind-layout audio trunk (+ the pretraining's heads, `PROBE_HEADS`, to score it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if heads is not None:
+        torch.save(_half(heads.state_dict()), out_dir / PROBE_HEADS)
     state = {}
     for name, value in encoder.state_dict().items():
         key = _TO_IMAGEBIND.get(name, f"modality_trunks.audio.{name}")
         state[key] = value
     torch.save(_half(state), out_dir / "imagebind_audio.pth")
     (out_dir / CONFIG_FILE).write_text(json.dumps({"audio": encoder.config.__dict__}, indent=2, default=list))
+
+
+def save_vision_encoder(encoder, heads, out_dir: Path) -> None:
+    """The EVA-layout vision encoder alone (the vision pretraining's output; the alignment adds the
+    Q-Former and projection) and the heads that score it (`PROBE_HEADS`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vit = {k: v for k, v in encoder.state_dict().items() if not k.startswith("ln_vision.")}
+    torch.save(_half(vit), out_dir / "eva_vit.pth")
+    torch.save(_half(heads.state_dict()), out_dir / PROBE_HEADS)
+    (out_dir / CONFIG_FILE).write_text(json.dumps({"vision": encoder.config.__dict__}, indent=2, default=list))
 
 
 def save_vision_asset(encoder, qformer, projection, out_dir: Path) -> None:

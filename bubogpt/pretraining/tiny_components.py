@@ -21,10 +21,13 @@ and writes its asset folder (`bubogpt/assets/tiny_*`); see `python -m bubogpt.pr
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,7 +221,7 @@ def init_position_codes(encoder: EvaVisionEncoder, scale: float = 2.0) -> None:
 
 def train_vision_encoder(config: VisionEncoderConfig, train_pool: PicturePool, held_out: PicturePool,
                          schedule: Schedule, batch_size: int, seed: int, log: LogFn = print_log,
-                         eval_every: int = 500) -> tuple[EvaVisionEncoder, dict[str, float]]:
+                         eval_every: int = 500) -> tuple[EvaVisionEncoder, VisionHeads, dict[str, float]]:
     torch.manual_seed(seed)
     encoder = EvaVisionEncoder(config)
     init_position_codes(encoder)
@@ -237,7 +240,7 @@ def train_vision_encoder(config: VisionEncoderConfig, train_pool: PicturePool, h
         if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
             log("vision", step, score_vision(encoder, heads, held_out))
     scores = score_vision(encoder, heads, held_out)
-    return encoder.eval(), scores
+    return encoder.eval(), heads.eval(), scores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +309,7 @@ def score_audio(encoder: ImageBindAudioEncoder, heads: AudioHeads, pool: Recordi
 
 def train_audio_encoder(config: AudioEncoderConfig, train_pool: RecordingPool, held_out: RecordingPool,
                         schedule: Schedule, batch_size: int, seed: int, log: LogFn = print_log,
-                        eval_every: int = 500) -> tuple[ImageBindAudioEncoder, dict[str, float]]:
+                        eval_every: int = 500) -> tuple[ImageBindAudioEncoder, AudioHeads, dict[str, float]]:
     torch.manual_seed(seed)
     encoder = ImageBindAudioEncoder(config)
     heads = AudioHeads(config.embed_dim)
@@ -321,7 +324,7 @@ def train_audio_encoder(config: AudioEncoderConfig, train_pool: RecordingPool, h
             log("audio", step, {k: v.item() for k, v in losses.items()} | {"grad_norm": norm, "seconds": time.time() - started})
         if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
             log("audio", step, score_audio(encoder, heads, held_out))
-    return encoder.eval(), score_audio(encoder, heads, held_out)
+    return encoder.eval(), heads.eval(), score_audio(encoder, heads, held_out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -573,3 +576,88 @@ def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.Wor
             log("align", step, score_image_qa(model, held_tokens, held_scenes, seed).metrics())
     model.eval()
     return model, score_image_qa(model, held_tokens, held_scenes, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command: one phase at a time, a fixed seed, its files in OUT/<phase>/
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhaseRecipe:
+    steps: int
+    lr: float
+    batch_size: int
+    train_items: int = 0  # pictures / sounds drawn once and cycled (the LLM draws fresh texts)
+    held_out_items: int = 300
+    warmup_steps: int = 100
+
+
+# The vision encoder: the tiny preset's width with a third block and a convolutional stem (a 64-wide
+# ViT on 8-px patches never learns shape kind from scratch, benchmarks/train_quickstart.md).
+VISION_ENCODER = VisionEncoderConfig(img_size=112, patch_size=8, embed_dim=64, depth=3, num_heads=4, stem_channels=(16, 32, 64))
+AUDIO_ENCODER = AudioEncoderConfig(embed_dim=64, num_blocks=2, num_heads=4, drop_path=0.0)
+VISION_GRID = VISION_ENCODER.img_size // VISION_ENCODER.patch_size
+RECIPES = {
+    "vision": PhaseRecipe(steps=1200, lr=1e-3, batch_size=32, train_items=4000),
+    "audio": PhaseRecipe(steps=600, lr=1e-3, batch_size=32, train_items=1200, warmup_steps=50),
+    "llm": PhaseRecipe(steps=1500, lr=2e-3, batch_size=32),
+}
+
+
+def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn = print_log) -> dict[str, float]:
+    """Trains one component and writes it (in its original checkpoint's format, `assets`) with
+    `training_scores.json` to `out`."""
+    from bubogpt.pretraining import assets
+
+    started = time.time()
+    schedule = Schedule(recipe.steps, recipe.lr, recipe.warmup_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    if phase == "vision":
+        train_pool = PicturePool(seed, "vision_train", recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
+        held_out = PicturePool(seed, "vision_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
+        log(phase, 0, {"pools_seconds": time.time() - started})
+        encoder, heads, scores = train_vision_encoder(VISION_ENCODER, train_pool, held_out, schedule, recipe.batch_size, seed, log)
+        assets.save_vision_encoder(encoder, heads, out)
+    elif phase == "audio":
+        config = AudioPreprocessConfig(num_clips=3)
+        train_pool = RecordingPool(seed, "audio_train", recipe.train_items, config)
+        held_out = RecordingPool(seed, "audio_held_out", recipe.held_out_items, config)
+        log(phase, 0, {"pools_seconds": time.time() - started})
+        encoder, heads, scores = train_audio_encoder(AUDIO_ENCODER, train_pool, held_out, schedule, recipe.batch_size, seed, log)
+        assets.save_audio_asset(encoder, out, heads)
+    elif phase == "llm":
+        from bubogpt.config import tiny
+
+        tokenizer = build_tokenizer()
+        llm, report = train_llm(tiny().llm, tokenizer, schedule, recipe.batch_size, seed, log, answer_only=True)
+        assets.save_llm_asset(llm, tokenizer, out)
+        scores = report.metrics()
+    else:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(RECIPES)}")
+    record = {"phase": phase, "seed": seed, "recipe": recipe.__dict__, "scores": scores,
+              "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads()}  # fmt: skip
+    (out / "training_scores.json").write_text(json.dumps(record, indent=2))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pretrain one tiny component on the generator streams (no Ray).")
+    parser.add_argument("--phase", choices=sorted(RECIPES), required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the component's folder (e.g. bubogpt/assets/tiny_vision)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps (quick checks)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = RECIPES[args.phase]
+    if args.steps:
+        recipe = PhaseRecipe(**{**recipe.__dict__, "steps": args.steps})
+    scores = run_phase(args.phase, args.out, args.seed, recipe)
+    print(json.dumps({"phase": args.phase, "held_out": scores}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
