@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from bubogpt.modeling_audio import ImageBindAudioEncoder
 from bubogpt.modeling_vision import EvaVisionEncoder
 from bubogpt.preprocess import CLIP_MEAN, CLIP_STD, AudioPreprocessConfig
 from bubogpt.pretraining import streams
+from bubogpt.training import optim
+from bubogpt.training.optim import warmup_cosine
 
 LogFn = Callable[[str, int, dict[str, float]], None]
 
@@ -61,21 +62,13 @@ class Schedule:
     min_lr_ratio: float = 0.05
 
     def factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to `min_lr_ratio`."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        """Linear warm-up (1 / warmup_steps at step 0), then cosine decay to `min_lr_ratio`."""
+        return warmup_cosine(step, 1.0, self.min_lr_ratio, self.warmup_steps, self.steps, warmup_offset=1)
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
     """AdamW with weight decay on >= 2-D weights only."""
-    params = [p for p in params if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return optim.adamw(optim.decay_groups(params, weight_decay), lr=lr)
 
 
 def optimiser_step(optimizer: torch.optim.Optimizer, schedule: Schedule, step: int, loss: torch.Tensor,
@@ -219,6 +212,26 @@ def init_position_codes(encoder: EvaVisionEncoder, scale: float = 2.0) -> None:
     encoder.pos_embed.copy_(torch.cat([torch.zeros(1, encoder.config.embed_dim), codes])[None])
 
 
+def train_encoder(phase: str, encoder: nn.Module, heads: nn.Module, losses: Callable, score: Callable, train_items: int,
+                  schedule: Schedule, batch_size: int, seed: int, log: LogFn = print_log, eval_every: int = 500):
+    """Trains an encoder and its heads together on `losses(index, generator)` (a dict of losses for a
+    batch of training items); `score()` scores them on the held-out items. Returns the held-out scores."""
+    optimizer = adamw(list(encoder.parameters()) + list(heads.parameters()), schedule.lr)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.time()
+    for step in range(schedule.steps):
+        index = torch.randint(train_items, (batch_size,), generator=generator)
+        parts = losses(index, generator)
+        norm = optimiser_step(optimizer, schedule, step, sum(parts.values()))
+        if step % 50 == 0 or step == schedule.steps - 1:
+            log(phase, step, {k: v.item() for k, v in parts.items()} | {"grad_norm": norm, "seconds": time.time() - started})
+        if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
+            log(phase, step, score())
+    scores = score()  # leaves the encoder in training mode
+    encoder.eval(), heads.eval()
+    return scores
+
+
 def train_vision_encoder(config: VisionEncoderConfig, train_pool: PicturePool, held_out: PicturePool,
                          schedule: Schedule, batch_size: int, seed: int, log: LogFn = print_log,
                          eval_every: int = 500) -> tuple[EvaVisionEncoder, VisionHeads, dict[str, float]]:
@@ -226,21 +239,14 @@ def train_vision_encoder(config: VisionEncoderConfig, train_pool: PicturePool, h
     encoder = EvaVisionEncoder(config)
     init_position_codes(encoder)
     heads = VisionHeads(config.embed_dim)
-    optimizer = adamw(list(encoder.parameters()) + list(heads.parameters()), schedule.lr)
-    generator = torch.Generator().manual_seed(seed)
-    started = time.time()
-    for step in range(schedule.steps):
-        index = torch.randint(len(train_pool), (batch_size,), generator=generator)
-        flip = torch.rand(batch_size, generator=generator) < 0.5
-        losses = vision_losses(encoder, heads, train_pool, index, flip)
-        loss = sum(losses.values())
-        norm = optimiser_step(optimizer, schedule, step, loss)
-        if step % 50 == 0 or step == schedule.steps - 1:
-            log("vision", step, {k: v.item() for k, v in losses.items()} | {"grad_norm": norm, "seconds": time.time() - started})
-        if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
-            log("vision", step, score_vision(encoder, heads, held_out))
-    scores = score_vision(encoder, heads, held_out)
-    return encoder.eval(), heads.eval(), scores
+
+    def losses(index: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        flip = torch.rand(len(index), generator=generator) < 0.5
+        return vision_losses(encoder, heads, train_pool, index, flip)
+
+    scores = train_encoder("vision", encoder, heads, losses, lambda: score_vision(encoder, heads, held_out),
+                           len(train_pool), schedule, batch_size, seed, log, eval_every)  # fmt: skip
+    return encoder, heads, scores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,18 +319,10 @@ def train_audio_encoder(config: AudioEncoderConfig, train_pool: RecordingPool, h
     torch.manual_seed(seed)
     encoder = ImageBindAudioEncoder(config)
     heads = AudioHeads(config.embed_dim)
-    optimizer = adamw(list(encoder.parameters()) + list(heads.parameters()), schedule.lr)
-    generator = torch.Generator().manual_seed(seed)
-    started = time.time()
-    for step in range(schedule.steps):
-        index = torch.randint(len(train_pool), (batch_size,), generator=generator)
-        losses = audio_losses(encoder, heads, train_pool, index)
-        norm = optimiser_step(optimizer, schedule, step, sum(losses.values()))
-        if step % 50 == 0 or step == schedule.steps - 1:
-            log("audio", step, {k: v.item() for k, v in losses.items()} | {"grad_norm": norm, "seconds": time.time() - started})
-        if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
-            log("audio", step, score_audio(encoder, heads, held_out))
-    return encoder.eval(), heads.eval(), score_audio(encoder, heads, held_out)
+    scores = train_encoder("audio", encoder, heads, lambda index, _: audio_losses(encoder, heads, train_pool, index),
+                           lambda: score_audio(encoder, heads, held_out), len(train_pool), schedule, batch_size, seed,
+                           log, eval_every)  # fmt: skip
+    return encoder, heads, scores
 
 
 # --------------------------------------------------------------------------------------------------
