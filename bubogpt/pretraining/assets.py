@@ -143,3 +143,33 @@ def load_pretrained_tiny(config: BuboGPTConfig | None = None, audio_dir: Path = 
     load_blip2_vision_qformer(model.joiner.qformers["vision"], model.vision_encoder, vision_dir / "blip2_pretrained.pth")
     load_minigpt4_projection(model.joiner.projections["vision"], vision_dir / "minigpt4_proj.pth")
     return model
+
+
+def read_vision_encoder(folder: Path = VISION_DIR):
+    """(vision encoder, its scoring heads) from a vision folder, through the EVA loader."""
+    from bubogpt.checkpoints.common import load_torch_file
+    from bubogpt.checkpoints.eva_vit import load_eva_vit
+    from bubogpt.modeling_vision import EvaVisionEncoder
+    from bubogpt.pretraining.tiny_components import VisionHeads
+
+    config = VisionEncoderConfig(**json.loads((folder / CONFIG_FILE).read_text())["vision"])
+    encoder = EvaVisionEncoder(config)
+    load_eva_vit(encoder, folder / "eva_vit.pth")
+    heads = VisionHeads(config.embed_dim)
+    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
+    return encoder.eval(), heads.eval()
+
+
+def read_audio_encoder(folder: Path = AUDIO_DIR):
+    """(audio encoder, its scoring heads) from an audio folder, through the ImageBind loader."""
+    from bubogpt.checkpoints.common import load_torch_file
+    from bubogpt.checkpoints.imagebind import load_imagebind_audio
+    from bubogpt.modeling_audio import ImageBindAudioEncoder
+    from bubogpt.pretraining.tiny_components import AudioHeads
+
+    config = AudioEncoderConfig(**json.loads((folder / CONFIG_FILE).read_text())["audio"])
+    encoder = ImageBindAudioEncoder(config)
+    load_imagebind_audio(encoder, folder / "imagebind_audio.pth")
+    heads = AudioHeads(config.embed_dim)
+    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
+    return encoder.eval(), heads.eval()

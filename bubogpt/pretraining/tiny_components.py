@@ -597,7 +597,7 @@ VISION_ENCODER = VisionEncoderConfig(img_size=112, patch_size=8, embed_dim=64, d
 AUDIO_ENCODER = AudioEncoderConfig(embed_dim=64, num_blocks=2, num_heads=4, drop_path=0.0)
 VISION_GRID = VISION_ENCODER.img_size // VISION_ENCODER.patch_size
 RECIPES = {
-    "vision": PhaseRecipe(steps=1200, lr=1e-3, batch_size=32, train_items=4000),
+    "vision": PhaseRecipe(steps=600, lr=1e-3, batch_size=32, train_items=4000),
     "audio": PhaseRecipe(steps=600, lr=1e-3, batch_size=32, train_items=1200, warmup_steps=50),
     "llm": PhaseRecipe(steps=1500, lr=2e-3, batch_size=32),
 }
