@@ -23,7 +23,9 @@ Tasks and what counts as right:
                     image, over all those answers; `..._image_only` and `..._audio_only` apart. The
                     words come from the corpus vocabulary (`vocab.modality_words`, plus the named
                     kinds, colours and sounds). An answer that describes the modality it was not
-                    given is never right for its task, whatever else it names.
+                    given is never right for its task, whatever else it names. The evaluator also
+                    asks some of these rows in the served chat template (`add_chat_answer`):
+                    counted in the rate and apart as `modality_hallucination_chat`.
 
 `CHANCE` gives, per metric, the score of guessing (uniformly over the vocabulary's values).
 """
@@ -112,6 +114,21 @@ def describes_image(text: str) -> bool:
     return bool(named_kinds(text) or named_colours(text)) or not _answer_words(text).isdisjoint(IMAGE_WORDS)
 
 
+IMAGE_ONLY_DATASETS, AUDIO_ONLY_DATASETS = ("llava_instruct", "cc_sbu_align"), ("clotho", "wavcaps")
+
+
+def modality_hallucination(dataset: str, answer: str) -> dict[str, bool]:
+    """For a row of one modality, whether its answer talks about the other one: the overall metric
+    and its image-only or audio-only part; {} for rows with both media."""
+    if dataset in IMAGE_ONLY_DATASETS:
+        wrong = talks_about_sound(answer)
+        return {"modality_hallucination_rate": wrong, "modality_hallucination_image_only": wrong}
+    if dataset in AUDIO_ONLY_DATASETS:
+        wrong = describes_image(answer)
+        return {"modality_hallucination_rate": wrong, "modality_hallucination_audio_only": wrong}
+    return {}
+
+
 def _only(named: set[str], expected: str) -> bool:
     return named == {expected}
 
@@ -198,15 +215,12 @@ class EvalReport:
         if dataset == "llava_instruct":
             scored[f"image_qa_{meta['qtype']}"] = score_image_qa(answer, meta)
             scored["image_qa"] = scored[f"image_qa_{meta['qtype']}"]
-            scored["modality_hallucination_rate"] = scored["modality_hallucination_image_only"] = talks_about_sound(answer)
         elif dataset == "cc_sbu_align":
             if "object_kinds" in meta:  # corpora synthesised before the captions carried their objects
                 scored["caption_objects"] = score_caption(answer, meta)
-            scored["modality_hallucination_rate"] = scored["modality_hallucination_image_only"] = talks_about_sound(answer)
         elif dataset in ("clotho", "wavcaps"):
             scored["sound_kind"] = score_sound(answer, meta)
             scored[f"sound_kind_{dataset}"] = scored["sound_kind"]
-            scored["modality_hallucination_rate"] = scored["modality_hallucination_audio_only"] = describes_image(answer)
         elif dataset in ("vggss", "negative_pairs"):
             related = meta.get("related", dataset == "vggss")
             if related:
@@ -216,10 +230,25 @@ class EvalReport:
                 scored["unrelated_rate"] = says_unrelated(answer)
         else:
             raise ScoringError(f"no evaluation defined for dataset {dataset!r}")
+        self._add(dataset, meta, answer, scored | modality_hallucination(dataset, answer), keep_example)
+
+    def add_chat_answer(self, dataset: str, meta: Mapping[str, Any], answer: str, keep_example: bool = False) -> None:
+        """An image-only or audio-only row asked as a user of the served model asks it (the released
+        chat template, with its system sentence naming both media): scored for modality
+        hallucination only, into the overall rate and its own part `modality_hallucination_chat`."""
+        scored = modality_hallucination(dataset, answer)
+        if not scored:
+            raise ScoringError(f"{dataset!r} rows are not single-modality rows")
+        self._add(dataset, meta, answer, scored | {"modality_hallucination_chat": scored["modality_hallucination_rate"]},
+                  keep_example, template="chat")  # fmt: skip
+
+    def _add(self, dataset: str, meta: Mapping[str, Any], answer: str, scored: dict[str, bool], keep_example: bool,
+             template: str = "instruction") -> None:  # fmt: skip
         for name, ok in scored.items():
             self.tallies[name].add(ok)
         if keep_example:
-            self.examples.append({"dataset": dataset, "answer": answer, "meta": dict(meta), "scores": scored})
+            self.examples.append({"dataset": dataset, "template": template, "answer": answer, "meta": dict(meta),
+                                  "scores": scored})  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         return {name: tally.rate for name, tally in sorted(self.tallies.items()) if tally.rate is not None}

@@ -59,7 +59,8 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     evaluation = json.loads((workdir / "eval.json").read_text())
     assert any(isinstance(v, (int, float)) for v in evaluation["metrics"].values()), evaluation
     # Image-only, audio-only answers counted for modality hallucination; chance next to the scores.
-    parts = ("modality_hallucination_rate", "modality_hallucination_image_only", "modality_hallucination_audio_only")
+    parts = ("modality_hallucination_rate", "modality_hallucination_image_only", "modality_hallucination_audio_only",
+             "modality_hallucination_chat")
     assert set(parts) <= set(evaluation["metrics"]), evaluation["metrics"]
     assert evaluation["chance"]["sound_kind"] == 1 / len(vocab.SOUND_KINDS), evaluation["chance"]
     results = json.loads((workdir / "requests.json").read_text())
