@@ -145,21 +145,6 @@ def load_pretrained_tiny(config: BuboGPTConfig | None = None, audio_dir: Path = 
     return model
 
 
-def read_vision_encoder(folder: Path = VISION_DIR):
-    """(vision encoder, its scoring heads) from a vision folder, through the EVA loader."""
-    from bubogpt.checkpoints.common import load_torch_file
-    from bubogpt.checkpoints.eva_vit import load_eva_vit
-    from bubogpt.modeling_vision import EvaVisionEncoder
-    from bubogpt.pretraining.tiny_components import VisionHeads
-
-    config = VisionEncoderConfig(**json.loads((folder / CONFIG_FILE).read_text())["vision"])
-    encoder = EvaVisionEncoder(config)
-    load_eva_vit(encoder, folder / "eva_vit.pth")
-    heads = VisionHeads(config.embed_dim)
-    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
-    return encoder.eval(), heads.eval()
-
-
 def read_audio_encoder(folder: Path = AUDIO_DIR):
     """(audio encoder, its scoring heads) from an audio folder, through the ImageBind loader."""
     from bubogpt.checkpoints.common import load_torch_file
