@@ -50,6 +50,19 @@ class VisionEncoderConfig:
     drop_path: float = 0.0  # 0.4 when the ViT itself is trained; it is frozen in BuboGPT
     layer_norm_eps: float = 1e-6
     ln_vision_eps: float = 1e-5
+    # Empty: EVA's patch embedding (one patch_size x patch_size conv). Otherwise a convolutional stem,
+    # one stage per width (log2(patch_size) of them): a 3x3 stride-2 conv and a 3x3 conv, GELU after
+    # each, then a 1x1 projection to embed_dim and a LayerNorm: the same token grid, with the local
+    # shape features a tiny ViT does not learn from 8-px patches (`modeling_vision.EvaPatchEmbed`).
+    stem_channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.stem_channels = tuple(self.stem_channels)  # JSON gives a list
+        if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
+            raise ValueError(
+                f"a conv stem of {len(self.stem_channels)} stride-2 convs makes patches of "
+                f"{2 ** len(self.stem_channels)} px, but patch_size is {self.patch_size}"
+            )
 
     @property
     def num_patches(self) -> int:

@@ -14,6 +14,20 @@ Tasks and what counts as right:
                     not call the pair unrelated; `localisation_position`: also its position word.
     relatedness     image + audio rows; meta {"related"}: "unrelated_rate" on mismatched pairs
                     (negative_pairs) and "false_alarm_rate" (called unrelated) on matched pairs (vggss).
+    captions        cc_sbu_align eval rows ("Describe this picture."); meta {"object_kinds",
+                    "colours"}: `caption_objects`, the caption names exactly the picture's kinds and
+                    colours.
+    modality        `modality_hallucination_rate`: of the answers to prompts with only an image
+    hallucination   (llava_instruct, cc_sbu_align), those that talk about a sound, plus of the
+                    answers to prompts with only audio (clotho, wavcaps), those that describe an
+                    image, over all those answers; `..._image_only` and `..._audio_only` apart. The
+                    words come from the corpus vocabulary (`vocab.modality_words`, plus the named
+                    kinds, colours and sounds). An answer that describes the modality it was not
+                    given is never right for its task, whatever else it names. The evaluator also
+                    asks some of these rows in the served chat template (`add_chat_answer`):
+                    counted in the rate and apart as `modality_hallucination_chat`.
+
+`CHANCE` gives, per metric, the score of guessing (uniformly over the vocabulary's values).
 """
 
 from __future__ import annotations
@@ -83,6 +97,38 @@ def says_unrelated(text: str) -> bool:
     return bool(_UNRELATED.search(text))
 
 
+IMAGE_WORDS, SOUND_WORDS = vocab.modality_words()
+
+
+def _answer_words(text: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+
+
+def talks_about_sound(text: str) -> bool:
+    """The answer names a sound kind or uses a word only the corpus's sound texts use."""
+    return bool(named_sounds(text)) or not _answer_words(text).isdisjoint(SOUND_WORDS)
+
+
+def describes_image(text: str) -> bool:
+    """The answer names an object kind or colour or uses a word only the corpus's picture texts use."""
+    return bool(named_kinds(text) or named_colours(text)) or not _answer_words(text).isdisjoint(IMAGE_WORDS)
+
+
+IMAGE_ONLY_DATASETS, AUDIO_ONLY_DATASETS = ("llava_instruct", "cc_sbu_align"), ("clotho", "wavcaps")
+
+
+def modality_hallucination(dataset: str, answer: str) -> dict[str, bool]:
+    """For a row of one modality, whether its answer talks about the other one: the overall metric
+    and its image-only or audio-only part; {} for rows with both media."""
+    if dataset in IMAGE_ONLY_DATASETS:
+        wrong = talks_about_sound(answer)
+        return {"modality_hallucination_rate": wrong, "modality_hallucination_image_only": wrong}
+    if dataset in AUDIO_ONLY_DATASETS:
+        wrong = describes_image(answer)
+        return {"modality_hallucination_rate": wrong, "modality_hallucination_audio_only": wrong}
+    return {}
+
+
 def _only(named: set[str], expected: str) -> bool:
     return named == {expected}
 
@@ -112,12 +158,20 @@ def score_image_qa(answer: str, meta: Mapping[str, Any]) -> bool:
     parse = {"colour": named_colours, "kind": named_kinds, "position": named_positions, "count": named_counts}
     if meta["qtype"] not in parse:
         raise ScoringError(f"image_qa: unknown question type {meta['qtype']!r}")
-    return _only(parse[meta["qtype"]](answer), meta["answer_key"])
+    return _only(parse[meta["qtype"]](answer), meta["answer_key"]) and not talks_about_sound(answer)
 
 
 def score_sound(answer: str, meta: Mapping[str, Any]) -> bool:
+    """The one sound kind named is the true one, and the answer describes no image."""
     _require(meta, ("sound_kind",), "sound")
-    return _only(named_sounds(answer), meta["sound_kind"])
+    return _only(named_sounds(answer), meta["sound_kind"]) and not describes_image(answer)
+
+
+def score_caption(answer: str, meta: Mapping[str, Any]) -> bool:
+    """The caption names exactly the picture's object kinds and colours, and no sound."""
+    _require(meta, ("object_kinds", "colours"), "caption")
+    return (named_kinds(answer) == set(meta["object_kinds"]) and named_colours(answer) == set(meta["colours"])
+            and not talks_about_sound(answer))  # fmt: skip
 
 
 def score_localisation(answer: str, meta: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -161,6 +215,9 @@ class EvalReport:
         if dataset == "llava_instruct":
             scored[f"image_qa_{meta['qtype']}"] = score_image_qa(answer, meta)
             scored["image_qa"] = scored[f"image_qa_{meta['qtype']}"]
+        elif dataset == "cc_sbu_align":
+            if "object_kinds" in meta:  # corpora synthesised before the captions carried their objects
+                scored["caption_objects"] = score_caption(answer, meta)
         elif dataset in ("clotho", "wavcaps"):
             scored["sound_kind"] = score_sound(answer, meta)
             scored[f"sound_kind_{dataset}"] = scored["sound_kind"]
@@ -173,10 +230,25 @@ class EvalReport:
                 scored["unrelated_rate"] = says_unrelated(answer)
         else:
             raise ScoringError(f"no evaluation defined for dataset {dataset!r}")
+        self._add(dataset, meta, answer, scored | modality_hallucination(dataset, answer), keep_example)
+
+    def add_chat_answer(self, dataset: str, meta: Mapping[str, Any], answer: str, keep_example: bool = False) -> None:
+        """An image-only or audio-only row asked as a user of the served model asks it (the released
+        chat template, with its system sentence naming both media): scored for modality
+        hallucination only, into the overall rate and its own part `modality_hallucination_chat`."""
+        scored = modality_hallucination(dataset, answer)
+        if not scored:
+            raise ScoringError(f"{dataset!r} rows are not single-modality rows")
+        self._add(dataset, meta, answer, scored | {"modality_hallucination_chat": scored["modality_hallucination_rate"]},
+                  keep_example, template="chat")  # fmt: skip
+
+    def _add(self, dataset: str, meta: Mapping[str, Any], answer: str, scored: dict[str, bool], keep_example: bool,
+             template: str = "instruction") -> None:  # fmt: skip
         for name, ok in scored.items():
             self.tallies[name].add(ok)
         if keep_example:
-            self.examples.append({"dataset": dataset, "answer": answer, "meta": dict(meta), "scores": scored})
+            self.examples.append({"dataset": dataset, "template": template, "answer": answer, "meta": dict(meta),
+                                  "scores": scored})  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         return {name: tally.rate for name, tally in sorted(self.tallies.items()) if tally.rate is not None}
@@ -185,14 +257,35 @@ class EvalReport:
         return {name: {"right": t.right, "total": t.total} for name, t in sorted(self.tallies.items())}
 
 
-# Targets of issue #4 ("Must show" 1): metric -> (comparison, threshold).
+# Targets of issue #16 (4.): metric -> (comparison, threshold).
 TARGETS = {
-    "image_qa_colour": (">=", 0.90),
-    "image_qa_kind": (">=", 0.90),
-    "sound_kind": (">=", 0.85),
-    "localisation": (">=", 0.70),
+    "image_qa_colour": (">=", 0.95),
+    "image_qa_kind": (">=", 0.95),
+    "image_qa_count": (">=", 0.95),
+    "image_qa_position": (">=", 0.90),
+    "sound_kind": (">=", 0.95),
+    "localisation": (">=", 0.85),
     "unrelated_rate": (">=", 0.90),
     "false_alarm_rate": ("<=", 0.10),
+    "modality_hallucination_rate": ("<=", 0.05),
+}
+
+# Score of a uniform guess over the vocabulary's values, per metric (None: no meaningful guess).
+# Counts are 1-3 objects; localisation needs the source's kind and colour (and its position); a
+# related / unrelated call is a coin toss.
+_N_KINDS, _N_COLOURS, _N_POSITIONS = len(vocab.OBJECT_KINDS), len(vocab.COLOUR_NAMES), len(vocab.POSITIONS)
+CHANCE = {
+    "image_qa_colour": 1 / _N_COLOURS,
+    "image_qa_kind": 1 / _N_KINDS,
+    "image_qa_position": 1 / _N_POSITIONS,
+    "image_qa_count": 1 / 3,
+    "sound_kind": 1 / len(vocab.SOUND_KINDS),
+    "sound_kind_clotho": 1 / len(vocab.SOUND_KINDS),
+    "sound_kind_wavcaps": 1 / len(vocab.SOUND_KINDS),
+    "localisation": 1 / (_N_KINDS * _N_COLOURS),
+    "localisation_position": 1 / (_N_KINDS * _N_COLOURS * _N_POSITIONS),
+    "unrelated_rate": 0.5,
+    "false_alarm_rate": 0.5,
 }
 
 
@@ -206,7 +299,7 @@ def meets_target(metric: str, value: float) -> bool | None:
 def format_table(columns: Mapping[str, Mapping[str, float]], counts: Mapping[str, Mapping[str, int]] | None = None) -> str:
     """Metrics of one or more models side by side: columns {model name: {metric: rate}}."""
     names = sorted({m for metrics in columns.values() for m in metrics})
-    header = ["metric", *columns, "target"]
+    header = ["metric", *columns, "chance", "target"]
     lines = []
     for metric in names:
         target = TARGETS.get(metric)
@@ -216,6 +309,7 @@ def format_table(columns: Mapping[str, Mapping[str, float]], counts: Mapping[str
             cells.append("-" if value is None else f"{100 * value:6.1f}%")
         if counts is not None and metric in counts:
             cells[-1] += f" ({counts[metric]['right']}/{counts[metric]['total']})"
+        cells.append(f"{100 * CHANCE[metric]:.1f}%" if metric in CHANCE else "")
         cells.append(f"{target[0]} {100 * target[1]:.0f}%" if target else "")
         lines.append(cells)
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]

@@ -1,7 +1,8 @@
 """BLIP-2's EVA ViT-g image encoder followed by `ln_vision`.
 
-pixels (B, 3, S, S) -> patch 14 conv -> [CLS] + absolute position embedding -> pre-norm blocks
-(qkv with q and v biases only) -> no final norm -> ln_vision -> (B, 1 + (S/14)^2, D).
+pixels (B, 3, S, S) -> patch 14 conv (or a conv stem, `stem_channels`) -> [CLS] + absolute position
+embedding -> pre-norm blocks (qkv with q and v biases only) -> no final norm -> ln_vision
+-> (B, 1 + (S/14)^2, D).
 """
 
 from __future__ import annotations
@@ -61,12 +62,31 @@ class EvaBlock(nn.Module):
 
 
 class EvaPatchEmbed(nn.Module):
+    """EVA's patch_size x patch_size conv, or (`config.stem_channels`) a convolutional stem: per
+    width a 3x3 stride-2 conv and a 3x3 conv, with GELU, then a 1x1 `proj` to the width and a
+    LayerNorm ("early convolutions"; the last conv sees 43 px, a whole object of a 112-px scene)."""
+
     def __init__(self, config: VisionEncoderConfig):
         super().__init__()
-        self.proj = nn.Conv2d(3, config.embed_dim, config.patch_size, config.patch_size)
+        if config.stem_channels:
+            layers: list[nn.Module] = []
+            channels = (3, *config.stem_channels)
+            for c_in, c_out in zip(channels[:-1], channels[1:]):
+                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU(),
+                           nn.Conv2d(c_out, c_out, 3, padding=1), nn.GELU()]
+            self.stem = nn.Sequential(*layers)
+            self.proj = nn.Conv2d(channels[-1], config.embed_dim, 1)
+            # The stem's output scale drifts from the position embedding's; a LayerNorm fixes it.
+            self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        else:
+            self.stem = self.norm = None
+            self.proj = nn.Conv2d(3, config.embed_dim, config.patch_size, config.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.stem is None:
+            return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, (S / patch)^2, D)
+        return self.norm(x)
 
 
 class EvaVisionEncoder(nn.Module):

@@ -4,8 +4,12 @@ import pytest
 
 from bubogpt.data import vocab
 from bubogpt.evaluation import (
+    CHANCE,
+    IMAGE_WORDS,
+    SOUND_WORDS,
     EvalReport,
     ScoringError,
+    describes_image,
     format_table,
     meets_target,
     named_sounds,
@@ -13,7 +17,10 @@ from bubogpt.evaluation import (
     score_image_qa,
     score_localisation,
     score_sound,
+    talks_about_sound,
 )
+from bubogpt.training import fixed_instruction
+from workflows.evaluate import report_json
 
 
 def qa_meta(qtype, key):
@@ -108,4 +115,92 @@ def test_report_rates_and_table():
     table = format_table({"full": metrics, "ablation": {"unrelated_rate": 0.0}})
     assert "unrelated_rate" in table and "100.0%" in table and "0.0%" in table
     with pytest.raises(ScoringError, match="no evaluation"):
-        report.add_row("cc_sbu_align", {}, "A picture.")
+        report.add_row("grounding", {}, "A picture.")
+
+
+def test_an_answer_that_describes_the_modality_it_was_not_given_is_not_right():
+    # The demo's failures (issue 16): a sound answer that also invents a picture, and the reverse.
+    assert not score_sound("A rising chirp. The image shows a red square in the center.", {"sound_kind": "chirp"})
+    assert not score_sound("The red circle is making a steady tone.", {"sound_kind": "tone"})
+    assert score_sound("A rising chirp lasting about three seconds.", {"sound_kind": "chirp"})
+    assert not score_image_qa("The circle is red. A short clip contains a rising chirp.", qa_meta("colour", "red"))
+    assert not score_image_qa("The circle is red and it makes a sound.", qa_meta("colour", "red"))
+
+
+def test_modality_words_never_occur_in_the_corpus_answers_of_the_other_modality():
+    # Every answer the corpus holds about a sound is free of image words and the reverse, so a
+    # model that answers like the corpus is never counted as hallucinating.
+    for text in vocab.audio_texts():
+        assert not describes_image(text), text
+    for text in vocab.scene_caption_texts() + vocab.image_qa_texts()[1::2]:
+        assert not talks_about_sound(text), text
+    for word in ("image", "picture", "circle", "red", "background", "left"):
+        assert word in IMAGE_WORDS
+    for word in ("sound", "audio", "recording", "pitch", "loud", "seconds"):
+        assert word in SOUND_WORDS
+    for word in ("it", "is", "the", "three", "about"):  # say nothing about a modality
+        assert word not in IMAGE_WORDS | SOUND_WORDS
+    assert talks_about_sound("I hear a hiss.") and talks_about_sound("A two-tone siren.")
+    assert describes_image("The audio is a low buzz next to a yellow star.")
+
+
+def test_modality_hallucination_rate_counts_single_modality_answers_that_describe_the_other():
+    report = EvalReport()
+    report.add_row("llava_instruct", qa_meta("colour", "red"), "The star is red.")
+    report.add_row("llava_instruct", qa_meta("count", "two"), "There are two shapes. A low buzz can be heard.")
+    report.add_row("cc_sbu_align", {"object_kinds": ["star"], "colours": ["red"]}, "A picture of a red star.")
+    report.add_row("cc_sbu_align", {"object_kinds": ["star"], "colours": ["red"]}, "A picture of a red star and a hiss.")
+    report.add_row("clotho", {"sound_kind": "buzz"}, "The audio is a low buzz.")
+    report.add_row("clotho", {"sound_kind": "hiss"}, "It sounds like static or escaping air.")
+    report.add_row("wavcaps", {"sound_kind": "buzz"}, "A low buzz. The image shows a blue circle.")
+    report.add_row("vggss", {"related": True, "source_kind": "star", "colour": "red", "position": "top"},
+                   "The red star at the top is making a rapid beeping.")  # both given: not counted  # fmt: skip
+    metrics = report.metrics()
+    assert metrics["modality_hallucination_rate"] == 3 / 7
+    assert metrics["modality_hallucination_image_only"] == 2 / 4
+    assert metrics["modality_hallucination_audio_only"] == 1 / 3
+    assert metrics["caption_objects"] == 0.5 and metrics["image_qa_count"] == 0.0
+    assert meets_target("modality_hallucination_rate", 0.04) and not meets_target("modality_hallucination_rate", 0.5)
+    # eval.json carries the rates and, next to the scores, the chance of each question type.
+    data = report_json(report, "model")
+    assert data["metrics"]["modality_hallucination_audio_only"] == 1 / 3
+    assert data["chance"] == {"image_qa_colour": 1 / len(vocab.COLOUR_NAMES), "image_qa_count": 1 / 3,
+                              "sound_kind": 1 / len(vocab.SOUND_KINDS), "sound_kind_clotho": 1 / len(vocab.SOUND_KINDS),
+                              "sound_kind_wavcaps": 1 / len(vocab.SOUND_KINDS), "localisation": CHANCE["localisation"],
+                              "localisation_position": CHANCE["localisation_position"], "false_alarm_rate": 0.5}  # fmt: skip
+
+
+def test_table_shows_chance_next_to_each_score():
+    table = format_table({"model": {"image_qa_kind": 0.97, "sound_kind": 0.5, "modality_hallucination_rate": 0.0}})
+    header, _, *rows = table.splitlines()
+    assert header.split()[-2:] == ["chance", "target"]
+    kind = next(r for r in rows if r.startswith("image_qa_kind"))
+    assert "16.7%" in kind and ">= 95%" in kind
+    assert CHANCE["image_qa_colour"] == 1 / len(vocab.COLOUR_NAMES)
+    assert CHANCE["localisation"] == 1 / (len(vocab.OBJECT_KINDS) * len(vocab.COLOUR_NAMES))
+
+
+def test_single_modality_rows_asked_in_the_served_chat_template_count_for_hallucination():
+    # The demo's failure (issue 16): in Serve's chat template an image-only answer also describes a sound.
+    report = EvalReport()
+    report.add_row("cc_sbu_align", {"object_kinds": ["star"], "colours": ["red"]}, "A picture of a red star.")
+    report.add_chat_answer("cc_sbu_align", {}, "A red star. A short clip of a rising chirp.")
+    report.add_chat_answer("clotho", {}, "A low buzz.")
+    metrics = report.metrics()
+    assert metrics["modality_hallucination_chat"] == 1 / 2
+    assert metrics["modality_hallucination_rate"] == 1 / 3 and metrics["modality_hallucination_image_only"] == 1 / 2
+    assert metrics["caption_objects"] == 1.0 and "sound_kind" not in metrics  # chat answers score nothing else
+    with pytest.raises(ScoringError, match="single-modality"):
+        report.add_chat_answer("vggss", {}, "They seem unrelated.")
+
+
+def test_the_evaluator_asks_the_chat_rows_as_serve_renders_a_request():
+    from serve.protocol import ChatRequest, Message
+    from workflows.evaluate import CHAT_DATASETS, chat_prompt
+
+    image_row = {"dataset": "cc_sbu_align", "instruction": "", "pixel_values": object()}
+    audio_row = {"dataset": "clotho", "instruction": "", "fbank": object()}
+    assert {image_row["dataset"], audio_row["dataset"]} == set(CHAT_DATASETS)
+    for row, modality in ((image_row, "vision"), (audio_row, "audio")):
+        served = ChatRequest(messages=[Message("user", fixed_instruction(row), (modality,))]).conversation().render()
+        assert chat_prompt(row) == served

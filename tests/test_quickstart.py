@@ -17,6 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
+from bubogpt.data import vocab
 from tests.serve_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,11 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     assert (workdir / "model" / "bubogpt_config.json").is_file()
     evaluation = json.loads((workdir / "eval.json").read_text())
     assert any(isinstance(v, (int, float)) for v in evaluation["metrics"].values()), evaluation
+    # Image-only, audio-only answers counted for modality hallucination; chance next to the scores.
+    parts = ("modality_hallucination_rate", "modality_hallucination_image_only", "modality_hallucination_audio_only",
+             "modality_hallucination_chat")
+    assert set(parts) <= set(evaluation["metrics"]), evaluation["metrics"]
+    assert evaluation["chance"]["sound_kind"] == 1 / len(vocab.SOUND_KINDS), evaluation["chance"]
     results = json.loads((workdir / "requests.json").read_text())
     assert [r["request"] for r in results] == COMBINATIONS
     for result in results:

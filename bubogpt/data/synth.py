@@ -10,7 +10,7 @@ Layout (paths in corpus.json are relative to OUT; each set has `train` and a dis
 
     OUT/corpus.json
     OUT/wavcaps/<split>/shard-000000.tar     webdataset: <id>.flac + <id>.json {"caption", "meta"}
-    OUT/cc_sbu_align/<split>/filter_cap.json {"annotations": [{"image_id", "caption"}]}
+    OUT/cc_sbu_align/<split>/filter_cap.json {"annotations": [{"image_id", "caption", "meta"}]}
                         image/<image_id>.jpg, scenes.json
     OUT/llava_instruct/<split>/llava_instruct.json
                         [{"id", "image", "conversations": [{"from", "value"}], "meta"}]
@@ -546,7 +546,9 @@ def build_cc_sbu_align(rng: np.random.Generator, folder: Path, ids: list[str]) -
         caption = vocab.scene_caption(
             scene.object_triples(), scene.background_phrase, _variant(rng)
         )
-        annotations.append({"image_id": image_id, "caption": caption})
+        annotations.append({"image_id": image_id, "caption": caption,
+                            "meta": {"object_kinds": [o.kind for o in scene.objects],
+                                     "colours": [o.colour for o in scene.objects]}})  # fmt: skip
         scenes.append(scene.to_json())
     write_json(folder / "filter_cap.json", {"annotations": annotations})
     write_json(folder / "scenes.json", {"scenes": scenes})

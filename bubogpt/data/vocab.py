@@ -324,6 +324,25 @@ def localisation_caption(
     )
 
 
+def scene_description(objects: list[tuple[str, str, str]], background: str) -> str:
+    """Everything a picture shows, in one fixed form: 'A red circle on the left and a blue star at
+    the top on a plain light grey background.' The tiny LLM's pretraining reads it where a picture's
+    tokens go (bubogpt/pretraining), as a real LLM has read descriptions of pictures."""
+    listed = join_phrases([object_phrase(*obj) for obj in objects])
+    return f"{capitalise(listed)} on a {background} background."
+
+
+def sound_description(sound_kind: str, seconds: float, loud: bool, pulse_rate: int) -> str:
+    """Everything a sound's captions can say, in one fixed form: 'A rapid beeping, four beeps per
+    second, quite soft, about two seconds long.' (the sound's counterpart of `scene_description`)."""
+    fields = _sound_fields(sound_kind, seconds, loud)
+    parts = [fields["sound"]]
+    if sound_kind == "pulses":
+        parts.append(f"{NUMBER_WORDS[pulse_rate]} beeps per second")
+    parts += [fields["loudness"], f"about {fields['seconds']} long"]
+    return capitalise(", ".join(parts)) + "."
+
+
 def negative_caption(image_caption: str, sound_caption: str, variant: int) -> str:
     """'They seem unrelated.' + the image's caption + the sound's caption."""
     prefix = NEGATIVE_PREFIXES[variant % len(NEGATIVE_PREFIXES)]
@@ -335,9 +354,8 @@ def negative_caption(image_caption: str, sound_caption: str, variant: int) -> st
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_texts() -> list[str]:
-    """Every template rendered at least once, and every kind, colour, position, sound, number and
-    background word used at least once. Deterministic, a few hundred short texts."""
+def scene_caption_texts() -> list[str]:
+    """Every picture caption template with every kind, colour, position and background word."""
     texts: list[str] = []
     n_kinds, n_colours = len(OBJECT_KINDS), len(COLOUR_NAMES)
     backgrounds = [background_phrase(s, t) for s in BACKGROUND_STYLES for t in BACKGROUND_SHADES]
@@ -350,7 +368,13 @@ def sample_texts() -> list[str]:
             for j in range(n)
         ]  # fmt: skip
         texts.append(scene_caption(objects, backgrounds[i % len(backgrounds)], variant=i))
+    return texts
 
+
+def image_qa_texts() -> list[str]:
+    """Every image question and answer template (question, answer, question, ...), every value."""
+    texts: list[str] = []
+    n_kinds, n_colours = len(OBJECT_KINDS), len(COLOUR_NAMES)
     for qtype in QUESTION_TYPES:
         n_variants = len(QUESTIONS[qtype]) * len(ANSWERS[qtype])
         for i in range(max(n_variants, n_kinds * len(POSITIONS))):
@@ -364,7 +388,13 @@ def sample_texts() -> list[str]:
                     i,
                 )
             )
+    return texts
 
+
+def audio_texts() -> list[str]:
+    """Every short and detailed sound caption template, with every sound, loudness, length,
+    duration and beep-rate word (deterministic)."""
+    texts: list[str] = []
     for i, sound in enumerate(SOUND_KINDS * 2 * len(AUDIO_CAPTIONS)):
         seconds = 1 + i % 12
         texts.append(audio_caption(sound, seconds, loud=bool(i % 2), variant=i // len(SOUND_KINDS)))
@@ -376,6 +406,14 @@ def sample_texts() -> list[str]:
                 sound, 1 + i % 12, bool(i % 2), pulse_rate=3 + i % 4, variant=i // len(SOUND_KINDS)
             )
         )
+    return texts
+
+
+def sample_texts() -> list[str]:
+    """Every template rendered at least once, and every kind, colour, position, sound, number and
+    background word used at least once. Deterministic, a few hundred short texts."""
+    texts = scene_caption_texts() + image_qa_texts() + audio_texts()
+    n_kinds, n_colours = len(OBJECT_KINDS), len(COLOUR_NAMES)
     for i in range(len(OBJECT_KINDS) * len(LOCALISATION_CAPTIONS)):
         kind = OBJECT_KINDS[i % n_kinds]
         texts.append(
@@ -392,6 +430,29 @@ def sample_texts() -> list[str]:
     texts.extend(LOCALISATION_INSTRUCTIONS)
     texts.extend(NEGATIVE_INSTRUCTIONS)
     return texts
+
+
+def _words(texts: list[str]) -> set[str]:
+    return {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+", text)}
+
+
+# Words that say nothing about a modality, whichever texts they occur in (numbers: counts of shapes
+# as well as seconds and beeps).
+FUNCTION_WORDS = frozenset(
+    "a about again an and are as at be between can does each end from have how i in is it its like "
+    "many me never no not of on once or over per quite same several start starts take than that the then "
+    "there this times to turns what where which with you".split()
+) | frozenset(NUMBER_WORDS)
+
+
+def modality_words() -> tuple[frozenset[str], frozenset[str]]:
+    """(image words, sound words): the words that the corpus's answers about pictures (captions,
+    image answers) use and its answers about sounds (captions, descriptions) never use, and the
+    reverse, less `FUNCTION_WORDS`. An answer about only a picture that uses a sound word talks
+    about a sound, and the reverse."""
+    image = _words(scene_caption_texts() + image_qa_texts()[1::2])
+    sound = _words(audio_texts() + list(SOUND_PHRASES.values()))
+    return frozenset(image - sound - FUNCTION_WORDS), frozenset(sound - image - FUNCTION_WORDS)
 
 
 def all_corpus_words() -> list[str]:
