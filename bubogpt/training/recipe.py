@@ -160,6 +160,9 @@ def train_stage(
     mixer = RatioMixer(config.datasets, config.seed)
     use_tokens = config.use_precomputed_tokens and use_precomputed_tokens
     text_only = config.prompt_style == "text"
+    # Caption-style targets (stage 1) end with the model's stage-1 end symbol ("\n" for 7b/13b:
+    # mm_gpt4.py:68, :275), instruction answers with its chat end symbol ("###").
+    end_sym = {"end_sym": model.config.stage1_end_sym} if config.prompt_style == "caption" else {}
 
     def checkpoint(step: int, metrics: dict[str, Any]) -> None:
         state = TrainState(config.stage, step, config.to_dict(), loss_history)
@@ -182,7 +185,7 @@ def train_stage(
             rows = streams[dataset].next_rows(decode=not text_only)
             batch = collate(rows, config.prompt_style, rng, use_tokens).to(worker.device)
             with stepper.micro_batch(last=micro == config.grad_accum_steps - 1), autocast():
-                output = stepper.model(**batch.model_inputs())
+                output = stepper.model(**batch.model_inputs(), **end_sym)
             stepper.backward(output.loss)
             step_loss += output.loss.item() / config.grad_accum_steps
             samples += len(batch)
