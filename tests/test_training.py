@@ -19,6 +19,7 @@ from bubogpt.checkpoints.training_state import (
     load_optimizer_state,
     read_model,
     read_state,
+    read_stream_positions,
     save_checkpoint,
     write_model,
 )
@@ -565,13 +566,20 @@ def test_grounding_uses_the_shared_schedule_and_groups():
 
 
 class FixedStream:
-    """The same rows every call (a RowStream)."""
+    """The same rows every call (a RowStream), counting the calls."""
 
     def __init__(self, rows):
-        self.rows = rows
+        self.rows, self.calls = rows, 0
 
     def next_rows(self, decode: bool = True):
+        self.calls += 1
         return self.rows
+
+    def state(self):
+        return {"calls": self.calls}
+
+    def restore(self, state):
+        self.calls = state["calls"]
 
 
 def test_the_recipe_trains_and_resumes_in_one_process_without_ray(model, tmp_path):
@@ -591,19 +599,28 @@ def test_the_recipe_trains_and_resumes_in_one_process_without_ray(model, tmp_pat
         return TorchStepper(model, optimizer, scheduler, config.grad_accum_steps, config.grad_clip)
 
     callbacks = Callbacks(to_folder, lines.append, lambda stage, rows: metrics.extend(rows))
+    started = time.time()
     history = train_stage(model, config, streams, stepper, callbacks)
     assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6] and history[-1][1] < history[0][1]
     assert sorted(saved) == ["stage2_step_000003", "stage2_step_000006"]
-    assert [m["lr"] for _, m in metrics] == pytest.approx([learning_rate(s, config) for s in range(1, 7)])
+    assert [m["lr"] for _, m, _ in metrics] == pytest.approx([learning_rate(s, config) for s in range(1, 7)])
+    assert all(started <= t <= time.time() for _, _, t in metrics)  # stamped when measured
     assert any("stage2 step 6/6" in line for line in lines) and "stage2: finished 6 steps" in lines[-1]
-    # Resume from the step-3 checkpoint: only steps 4..6 run, the history runs on from the checkpoint.
+    # Resume from the step-3 checkpoint: only steps 4..6 run, the history runs on from the checkpoint,
+    # and fresh streams continue from the positions the checkpoint recorded.
+    final_calls = {name: stream.calls for name, stream in streams.items()}
     middle = tmp_path / "stage2_step_000003"
+    positions = read_stream_positions(middle, rank=0, world=1)
+    assert sum(p["calls"] for p in positions.values()) == 3  # three steps, one batch each
+    assert read_stream_positions(middle, rank=0, world=2) is None  # written by one rank: no use to two
+    fresh = {name: FixedStream(stream.rows) for name, stream in streams.items()}
     resumed_model = read_model(middle / "model")
     state = read_state(middle)
-    resumed = train_stage(resumed_model, config, streams, stepper, Callbacks(to_folder, lines.append),
-                          resume=Resume(state, load_optimizer_state(middle)))  # fmt: skip
+    resumed = train_stage(resumed_model, config, fresh, stepper, Callbacks(to_folder, lines.append),
+                          resume=Resume(state, load_optimizer_state(middle), streams=positions))  # fmt: skip
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6] and resumed[:3] == history[:3]
     assert lines[-2].startswith("stage2 step 6/6") and lines[-3].startswith("stage2: steps 3..6")
+    assert {name: stream.calls for name, stream in fresh.items()} == final_calls
 
 
 # --- the in-memory stream's position ------------------------------------------------------------------

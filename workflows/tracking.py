@@ -45,7 +45,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         pass
 
-    def log_step_metrics(self, rows: Sequence[tuple[int, Mapping[str, float]]], run_id: str | None = None) -> None:
+    def log_step_metrics(self, rows: Sequence[tuple], run_id: str | None = None) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
@@ -116,12 +116,16 @@ class MlflowTracker(NullTracker):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         self.log_step_metrics([(step or 0, metrics)], run_id)
 
-    def log_step_metrics(self, rows: Sequence[tuple[int, Mapping[str, float]]], run_id: str | None = None) -> None:
-        """Many steps' metrics in few requests: [(step, {name: value})]."""
+    def log_step_metrics(self, rows: Sequence[tuple], run_id: str | None = None) -> None:
+        """Many steps' metrics in few requests: [(step, {name: value}[, time measured (s)])], each
+        stamped with the time it was measured (else now)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(step)) for step, values in rows for k, v in values.items() if v is not None]
+        now = time.time()
+        metrics = [
+            Metric(k, float(v), int((row[2] if len(row) > 2 else now) * 1000), int(row[0]))
+            for row in rows for k, v in row[1].items() if v is not None
+        ]  # fmt: skip
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id or self.run_id, metrics=metrics[start:start + 1000])
 
