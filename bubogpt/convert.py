@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bubogpt.atomic import atomic_directory
 from bubogpt.checkpoints.blip2 import convert_blip2
 from bubogpt.checkpoints.bubogpt_joiner import complete_joiner_state, convert_bubogpt_joiner
 from bubogpt.checkpoints.common import CheckpointMismatchError, check_state_shapes, load_torch_file, write_safetensors
@@ -355,10 +356,7 @@ def convert_released(
         file = next((f for prefix, f in source_of.items() if key.startswith(prefix)), "converted")
         report.unexpected.setdefault(file, []).append(key)
 
-    from bubogpt.checkpoints.training_state import atomic_directory, commit
-
-    staging, final = atomic_directory(out)
-    try:
+    with atomic_directory(out) as staging:
         target = DTYPES[dtype]
         frozen = ("audio_encoder.", "vision_encoder.")
         write_safetensors(
@@ -375,10 +373,6 @@ def convert_released(
         report.tensors = len(order)
         report.bytes = (staging / WEIGHTS_FILE).stat().st_size
         (staging / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    commit(staging, final)
     return report
 
 
@@ -420,7 +414,6 @@ def convert_grounding(files: GroundingFiles, out: str | Path, dtype: str = "fp32
     `grounding.json` with every size (inferred from the shapes) and the detector settings.
     Each model is loaded once, strictly, through its own loader, written, and dropped before the
     next; nothing is left at `out` if one fails."""
-    from bubogpt.checkpoints.training_state import atomic_directory, commit
     from bubogpt.grounding.detector import DetectorConfig, check_bert_dir, load_original_grounding_dino
     from bubogpt.grounding.ram_checkpoint import load_ram_tagger
     from bubogpt.grounding.segmenter import infer_sam_config, load_sam
@@ -435,8 +428,7 @@ def convert_grounding(files: GroundingFiles, out: str | Path, dtype: str = "fp32
     cast = lambda name, tensor: target if tensor.is_floating_point() else tensor.dtype  # noqa: E731
     metadata = {"format": "bubogpt-grounding"}
     manifest: dict = {"format": "bubogpt-grounding", "dtype": dtype}
-    staging, final = atomic_directory(out)
-    try:
+    with atomic_directory(out) as staging:
         ram, _, report = load_ram_tagger(files.ram, files.ram_tags, files.ram_thresholds, files.ram_config)
         write_safetensors(staging / GROUNDING_FILES["ram"], ram.state_dict(), cast, metadata)
         manifest["ram"], manifest["ram_load_report"] = asdict(ram.config), report.summary()
@@ -456,8 +448,4 @@ def convert_grounding(files: GroundingFiles, out: str | Path, dtype: str = "fp32
         shutil.copy(files.ram_thresholds, staging / GROUNDING_FILES["ram_thresholds"])
         shutil.copytree(files.bert, staging / GROUNDING_FILES["bert"])
         (staging / GROUNDING_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    commit(staging, final)
     return manifest

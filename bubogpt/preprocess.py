@@ -54,7 +54,6 @@ import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms
 
 if TYPE_CHECKING:
     from bubogpt.config import BuboGPTConfig
@@ -494,17 +493,35 @@ def image_transform(
     """
     config = config or ImagePreprocessConfig()
     size = config.image_size
-    bicubic = transforms.InterpolationMode.BICUBIC
     if train:
+        # Imported here: torchvision's import costs 1-1.5 s of CPU (it pulls in torch._dynamo), which
+        # every data-preparation actor and Serve replica would pay for the eval path below.
+        from torchvision import transforms
+
+        bicubic = transforms.InterpolationMode.BICUBIC
         crop = transforms.RandomResizedCrop(size, scale=config.train_scale, interpolation=bicubic)
-        geometry = [crop]
-    elif config.eval_resize == "center_crop":
-        geometry = [transforms.Resize(size, interpolation=bicubic), transforms.CenterCrop(size)]
-    else:
-        geometry = [transforms.Resize((size, size), interpolation=bicubic)]
-    return transforms.Compose(
-        [*geometry, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
-    )
+        return transforms.Compose([crop, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)])
+    mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+    center_crop = config.eval_resize == "center_crop"
+
+    def eval_transform(image: Image.Image) -> torch.Tensor:
+        # What torchvision's Resize(size) + CenterCrop(size), or Resize((size, size)), with BICUBIC,
+        # then ToTensor + Normalize do to an RGB PIL image, op for op (tests/test_prepare.py checks
+        # that they are bit-identical).
+        if center_crop:
+            width, height = image.size
+            short, long = min(width, height), max(width, height)
+            long = int(size * long / short)  # torchvision's rounding of the long side
+            image = image.resize((size, long) if width <= height else (long, size), Image.Resampling.BICUBIC)
+            top, left = int(round((image.height - size) / 2.0)), int(round((image.width - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        else:
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
+
+    return eval_transform
 
 
 def load_image(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,25 +26,111 @@ def golden_dir() -> Path:
     return path
 
 
+# --- servers the tests start: a process on a free loopback port, stopped at the end ---
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _server_process(command: list[str], health_url: str, log_path: Path, timeout_s: float):
+    """Runs `command` (output to log_path) until health_url answers; yields; terminates it."""
+    import subprocess
+    import time
+    import urllib.request
+
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(health_url, timeout=5)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"{Path(command[0]).name} did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+# --- object storage: a real S3-API server (moto in server mode), for storage tests ---
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str  # http://127.0.0.1:<port>
+    env: dict  # the variables set in os.environ: AWS_ENDPOINT_URL, dummy credentials, region
+
+    def create_bucket(self, name: str) -> str:
+        """Creates the bucket (3-63 lower-case letters, digits, dots, hyphens); returns "s3://<name>"."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint_url).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """`moto_server` on a free loopback port, with AWS_ENDPOINT_URL, dummy credentials and a region
+    set in os.environ for the session, so boto3, pyarrow (and Ray workers started after it, e.g. by
+    `ray_session`, which requests this fixture) reach it as they would reach S3. Buckets:
+    `s3_server.create_bucket(name)`; give each test its own bucket or prefix."""
+    import sys
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no probing for instance credentials
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    with _server_process(command, f"{endpoint}/moto-api/", log_path, timeout_s=120):
+        os.environ.update(env)
+        try:
+            yield S3Server(endpoint, env)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 # --- Ray and the prepared tiny corpus (workflows/prepare.py), shared by data/training/serving tests ---
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """One local Ray for the whole session (2 CPUs, no dashboard); a Ray already running is reused.
+    Started after `s3_server`, so its workers inherit the object-storage endpoint and credentials.
     Its metrics agent exports Prometheus metrics on a free port (`bubogpt serve --metrics-port`'s
     option; the serving metrics test scrapes it: ray.nodes()[i]["MetricsExportPort"])."""
-    import socket
-
     import ray
 
     if ray.is_initialized():
         yield ray
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=_free_port())
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -103,40 +190,17 @@ def direct_grounding(serve_app):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend, local artifact root) on a free loopback port."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    port = _free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=5)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield uri
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with _server_process(command, f"{uri}/health", root / "server.log", timeout_s=240):
+        yield uri
 
 
 @dataclass

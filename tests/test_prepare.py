@@ -7,11 +7,13 @@ with `load_model`, and planted corrupt files against `skipped`.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -26,8 +28,19 @@ from workflows.data.prepared import (
     decode_row_tensors,
     read_manifest,
     read_split,
+    shard_paths,
 )
-from workflows.prepare import PrepareError, Preprocessor, PrepareConfig, read_corpus_spec, records_to_batch, run_prepare
+from workflows.prepare import (
+    PrepareConfig,
+    PrepareError,
+    Preprocessor,
+    load_indexes,
+    plan_chunks,
+    prepare_chunk,
+    read_corpus_spec,
+    records_to_batch,
+    run_prepare,
+)
 
 TINY = tiny()
 IMAGE_CONFIG = ImagePreprocessConfig.for_model(TINY)
@@ -44,7 +57,7 @@ MODALITIES = {
 }
 
 
-def _rows(prepared_dir: Path, dataset: str, split: str) -> dict[str, dict]:
+def _rows(prepared_dir: Path | str, dataset: str, split: str) -> dict[str, dict]:
     return {row["id"]: row for row in read_split(prepared_dir, dataset, split).to_pylist()}
 
 
@@ -188,6 +201,9 @@ def problem_run(prepared_small_corpus, tmp_path_factory):
     all_bad = sorted((root / "clotho_eval/audio").glob("*.wav"))
     for path in all_bad:
         path.write_bytes(b"")
+    shutil.copytree(source / "llava_instruct/eval", root / "llava")  # two entries share each image
+    shared_bad = root / "llava/image/llava_000006.jpg"
+    shared_bad.write_bytes(shared_bad.read_bytes()[:200])
     vggss = {key: str(source / path) for key, path in
              json.loads((source / "corpus.json").read_text())["sets"]["vggss"]["splits"]["eval"].items()
              if key in ("annotations", "audio_dir", "image_dir")}  # fmt: skip
@@ -197,6 +213,7 @@ def problem_run(prepared_small_corpus, tmp_path_factory):
             "eval": {"annotations": "clotho_eval/audio_cap.json", "audio_dir": "clotho_eval/audio"},
         }},
         "cc_sbu_align": {"splits": {"train": {"path": "cc"}}},
+        "llava_instruct": {"splits": {"eval": {"annotations": "llava/llava_instruct.json", "image_dir": "llava/image"}}},
         "vggss": {"splits": {"eval": vggss}},
     }}  # fmt: skip
     (root / "corpus.json").write_text(json.dumps(spec))
@@ -208,7 +225,7 @@ def problem_run(prepared_small_corpus, tmp_path_factory):
     rc = main(["data", "prepare", "--input", str(root), "--out", str(root / "prepared"),
                "--preset", "tiny", "--features-model", str(root / "model"), "--workers", "1"])  # fmt: skip
     bad = [("clotho", "train", bad_audio), ("cc_sbu_align", "train", bad_image)]
-    bad += [("clotho", "eval", path) for path in all_bad]
+    bad += [("clotho", "eval", path) for path in all_bad] + [("llava_instruct", "eval", shared_bad)]
     return {"rc": rc, "root": root, "bad": bad}
 
 
@@ -216,12 +233,14 @@ def test_corrupt_files_are_skipped_with_their_paths(problem_run):
     assert problem_run["rc"] == 0  # the job succeeds
     prepared = problem_run["root"] / "prepared"
     manifest = read_manifest(prepared)
-    skipped = {(s["dataset"], s["split"], s["path"]) for s in manifest["skipped"]}
-    assert skipped == {(name, split, str(path)) for name, split, path in problem_run["bad"]}
+    skipped = [(s["dataset"], s["split"], s["path"]) for s in manifest["skipped"]]
+    # Each bad file listed once, also the image both of its LLaVA entries use.
+    assert sorted(skipped) == sorted((name, split, str(path)) for name, split, path in problem_run["bad"])
     assert all(s["reason"] for s in manifest["skipped"])
     # 8 clotho and 6 cc_sbu_align train records minus the corrupt one each, clotho eval's 2 all
-    # corrupt (an empty split), vggss eval untouched.
-    expected = {"clotho": {"train": 7, "eval": 0}, "cc_sbu_align": {"train": 5}, "vggss": {"eval": 2}}
+    # corrupt (an empty split), LLaVA eval's 4 minus the 2 on the bad image, vggss eval untouched.
+    expected = {"clotho": {"train": 7, "eval": 0}, "cc_sbu_align": {"train": 5}, "llava_instruct": {"eval": 2},
+                "vggss": {"eval": 2}}  # fmt: skip
     assert manifest["counts"] == expected
     for dataset, splits in manifest["counts"].items():
         for split, count in splits.items():
@@ -230,6 +249,7 @@ def test_corrupt_files_are_skipped_with_their_paths(problem_run):
     assert empty.num_rows == 0 and empty.schema.names == list(manifest["schema"])
     assert "clotho_000003" not in _rows(prepared, "clotho", "train")
     assert "cc_000002" not in _rows(prepared, "cc_sbu_align", "train")
+    assert sorted(_rows(prepared, "llava_instruct", "eval")) == ["llava_000007_0_0", "llava_000007_1_0"]
     assert not (prepared / "wavcaps").exists()  # only the sets listed in corpus.json
 
 
@@ -317,3 +337,185 @@ def test_decode_row_tensors_refuses_bytes_of_the_wrong_size():
     row["pixel_values"] = row["pixel_values"][:-2]
     with pytest.raises(PreparedDataError, match="pixel_values of row cc_sbu_align/train/x: 94 bytes, expected 96"):
         decode_row_tensors(row, manifest)
+
+
+def test_small_chunks_and_files_hold_the_same_rows(prepared_small_corpus, tmp_path):
+    """Without Ray: the tiny corpus cut into chunks of 2 index entries, at most 3 rows per file, through
+    `prepare_chunk` in a loop, holds exactly the rows of the shared prepared corpus (one chunk per split)."""
+    indexed, index_skips = load_indexes(read_corpus_spec(prepared_small_corpus.corpus_dir))
+    chunks = plan_chunks(indexed, records_per_chunk=2)
+    assert index_skips == []
+    assert max(len(c.entries) for c in chunks if c.entries is not None) == 2
+    preprocessor = Preprocessor(PrepareConfig.from_preset("tiny"))
+    files = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the actors: fbank's float16 rounding may differ by a unit with more
+    try:
+        for chunk in chunks:
+            result = prepare_chunk(chunk, preprocessor, pafs.LocalFileSystem(), str(tmp_path), "t", batch_size=2,
+                                   rows_per_file=3)  # fmt: skip
+            assert result["skipped"] == []
+            files += result["files"]
+    finally:
+        torch.set_num_threads(threads)
+    per_split: dict[tuple[str, str], list[Path]] = {}
+    for f in files:
+        per_split.setdefault((f["dataset"], f["split"]), []).append(tmp_path / f["path"])
+    assert len(per_split["cc_sbu_align", "train"]) == 3  # 6 entries, 2 per chunk
+    assert [f["rows"] for f in files if (f["dataset"], f["split"]) == ("wavcaps", "train")] == [3, 3, 2, 3, 1]  # 2 tars
+    for dataset in DATASETS:
+        for split in SPLITS:
+            rows = {r["id"]: r for path in per_split[dataset, split] for r in pq.read_table(path).to_pylist()}
+            assert rows == _rows(prepared_small_corpus.prepared_dir, dataset, split), (dataset, split)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output on object storage (tests/conftest.py: s3_server, a moto server) and all-or-nothing output
+# --------------------------------------------------------------------------------------------------
+
+
+def _bucket_keys(s3_server, bucket: str) -> set[str]:
+    """The bucket's objects, but for the empty folder markers pyarrow leaves where it deleted files."""
+    import boto3
+
+    listing = boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(Bucket=bucket)
+    return {item["Key"] for item in listing.get("Contents", []) if not item["Key"].endswith("/")}
+
+
+def _subset_corpus(prepared_small_corpus, root: Path) -> Path:
+    """A corpus.json over two small splits of the shared corpus (absolute paths): a quick job."""
+    spec = json.loads((prepared_small_corpus.corpus_dir / "corpus.json").read_text())
+    splits = {name: {"splits": {"eval": {k: str(prepared_small_corpus.corpus_dir / v)
+                                         for k, v in spec["sets"][name]["splits"]["eval"].items()
+                                         if k in ("annotations", "audio_dir", "image_dir")}}}
+              for name in ("clotho", "vggss")}  # fmt: skip
+    root.mkdir(parents=True)
+    (root / "corpus.json").write_text(json.dumps({"sets": splits}))
+    return root
+
+
+def test_prepare_to_s3_lands_in_the_bucket_and_reads_back_as_local(prepared_small_corpus, s3_server, ray_session):
+    import boto3
+
+    from workflows.cli import main
+
+    bucket = "prepared-tiny"
+    out = f"{s3_server.create_bucket(bucket)}/corpus/v1"
+    rc = main(["data", "prepare", "--input", str(prepared_small_corpus.corpus_dir), "--out", out, "--workers", "2"])
+    assert rc == 0
+
+    # In the bucket: the manifest and exactly the shards it lists, nothing else (no staging leftovers).
+    body = boto3.client("s3", endpoint_url=s3_server.endpoint_url).get_object(Bucket=bucket, Key="corpus/v1/manifest.json")
+    manifest = json.loads(body["Body"].read())
+    listed = {f"corpus/v1/{path}" for splits in manifest["files"].values() for paths in splits.values() for path in paths}
+    assert _bucket_keys(s3_server, bucket) == {"corpus/v1/manifest.json"} | listed
+    assert read_manifest(out) == manifest
+    local = prepared_small_corpus.manifest
+    for key in ("counts", "shapes", "schema", "skipped", "preset"):
+        assert manifest[key] == local[key], key
+
+    # Read back through the URI: the same rows, byte for byte, as the local prepare of the same corpus.
+    for dataset in DATASETS:
+        for split in SPLITS:
+            assert _rows(out, dataset, split) == _rows(prepared_small_corpus.prepared_dir, dataset, split)
+    paths = shard_paths(out, "clotho", "train")
+    assert all(p.startswith(f"{out}/clotho/train/part-") for p in paths)
+    # Ray Data's workers read the shards from the bucket too (what training does with --data URI).
+    assert ray_session.data.read_parquet(paths).count() == manifest["counts"]["clotho"]["train"]
+
+
+def test_s3_output_is_all_or_nothing(prepared_small_corpus, s3_server, ray_session, tmp_path, monkeypatch):
+    import workflows.prepare
+
+    corpus = _subset_corpus(prepared_small_corpus, tmp_path / "corpus")
+    bucket = "prepared-replace"
+    out = f"{s3_server.create_bucket(bucket)}/corpus"
+
+    # A run that fails after its shards are written (here: in building the manifest) deletes them
+    # and leaves the previous output as it was: at first, nothing.
+    def broken_manifest(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    def failed_run(**options) -> None:
+        with monkeypatch.context() as patch:
+            patch.setattr(workflows.prepare, "_manifest", broken_manifest)
+            with pytest.raises(RuntimeError, match="injected"):
+                run_prepare(corpus, out, workers=1, progress=False, **options)
+
+    failed_run()
+    assert _bucket_keys(s3_server, bucket) == set()
+    with pytest.raises(PreparedDataError, match="not a prepared corpus"):
+        read_manifest(out)
+
+    first = run_prepare(corpus, out, workers=1, progress=False)  # the failed run left nothing in the way
+    assert first["counts"] == {"clotho": {"eval": 2}, "vggss": {"eval": 2}}
+    keys = _bucket_keys(s3_server, bucket)
+    with pytest.raises(PrepareError, match="not empty"):
+        run_prepare(corpus, out, workers=1, progress=False)
+    failed_run(overwrite=True)
+    assert _bucket_keys(s3_server, bucket) == keys
+    assert read_manifest(out) == first
+
+    # Overwrite: the new manifest, its shards, and none of the previous run's.
+    second = run_prepare(corpus, out, workers=1, overwrite=True, progress=False)
+    listed = {f"corpus/{p}" for splits in second["files"].values() for paths in splits.values() for p in paths}
+    assert _bucket_keys(s3_server, bucket) == {"corpus/manifest.json"} | listed
+    assert not listed & keys
+    assert _rows(out, "vggss", "eval") == _rows(prepared_small_corpus.prepared_dir, "vggss", "eval")
+
+    with pytest.raises(PrepareError, match="bucket 'no-such-bucket' does not exist"):
+        run_prepare(corpus, "s3://no-such-bucket/x", progress=False)
+
+
+def test_local_output_is_all_or_nothing(prepared_small_corpus, ray_session, tmp_path, monkeypatch):
+    import workflows.prepare
+
+    corpus = _subset_corpus(prepared_small_corpus, tmp_path / "corpus")
+    out = tmp_path / "prepared"
+    first = run_prepare(corpus, out, workers=1, progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "corpus" not in p.parts)
+
+    def broken_manifest(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(workflows.prepare, "_manifest", broken_manifest)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_prepare(corpus, out, workers=1, overwrite=True, progress=False)
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "corpus" not in p.parts)
+    assert after == before  # OUT untouched, no staging folder left beside it
+    assert read_manifest(out) == first
+
+
+def test_eval_image_transform_is_torchvisions_and_actors_do_not_import_torchvision():
+    """bubogpt.preprocess's eval transforms do, without torchvision, exactly what torchvision's
+    Resize(BICUBIC) [+ CenterCrop] + ToTensor + Normalize do; the preparation code then never imports
+    torchvision, whose import is the largest part of an actor's start-up (it pulls in torch._dynamo)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from bubogpt.preprocess import decode_image, image_transform
+
+    rng = np.random.default_rng(0)
+    sizes = ((320, 160), (90, 301), (225, 224), (113, 112), (112, 112), (57, 400))  # odd margins: rounding
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    encoded = io.BytesIO()
+    images[0].save(encoded, "JPEG", quality=90)
+    images.append(decode_image(encoded.getvalue()))  # as the Preprocessor gets it
+    bicubic = transforms.InterpolationMode.BICUBIC
+    for size in (32, 112, 224):
+        for eval_resize in ("center_crop", "squash"):
+            config = ImagePreprocessConfig(image_size=size, eval_resize=eval_resize)
+            if eval_resize == "center_crop":
+                geometry = [transforms.Resize(size, interpolation=bicubic), transforms.CenterCrop(size)]
+            else:
+                geometry = [transforms.Resize((size, size), interpolation=bicubic)]
+            reference = transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(config.mean, config.std)])
+            for image in images:
+                assert torch.equal(image_transform(config)(image), reference(image)), (size, eval_resize, image.size)
+
+    code = "import sys, workflows.prepare; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -18,6 +18,8 @@ from workflows.data.readers import (
     SkipLog,
     read_cc_sbu_align,
     read_clotho,
+    load_annotations,
+    load_entry_list,
     read_llava_instruct,
     read_negative_pairs,
     read_vggss,
@@ -124,6 +126,7 @@ def test_wavcaps_tars(tmp_path):
     assert sorted(got) == ["s0", "s1", "s2"]
     assert got["s0"]["answer"] == "a dog barks" and got["s2"]["answer"] == "a bell rings"
     assert got["s1"]["audio"] == good["s1"] and got["s1"]["image"] is None
+    assert got["s1"]["audio_path"] == f"{shard0}:s1.flac"  # the tar and its member
     assert got["s0"]["dataset"] == "wavcaps_bbc" and got["s0"]["split"] == "eval"
     assert got["s0"]["instruction"] == ""
     assert json.loads(got["s0"]["meta"]) == {"duration": 0.5}
@@ -137,6 +140,13 @@ def test_wavcaps_tars(tmp_path):
     assert f"{shard0}:no_json" in skipped
     assert str(full) in skipped
     assert "truncated" in skips.entries[skipped.index(str(full))]["reason"]
+
+    # validate=False leaves decoding to the caller: the garbage audio comes out, the rest is checked.
+    unchecked = SkipLog()
+    records = list(read_wavcaps(shard0, skips=unchecked, validate=False))
+    assert [r["id"] for r in records] == ["s0", "bad_audio", "s1"]
+    assert records[1]["audio"] == GARBAGE and records[1]["audio_path"] == f"{shard0}:bad_audio.flac"
+    assert len(unchecked) == 3
 
     # One tar file as the path works too; a missing path is a skip, not a crash.
     assert [r["id"] for r in read_wavcaps(shard0)] == ["s0", "s1"]
@@ -199,6 +209,17 @@ def test_cc_sbu_align(tmp_path):
     assert "not found" in reasons[str(root / "image" / "missing.jpg")]
     assert "caption" in reasons[f"{index}#annotations[6]"]
     assert "outside" in reasons[str(root / "image" / "../1.jpg")]
+
+    # A slice of the index, loaded beforehand (as the pipeline hands them out): entry numbers are
+    # the file's; without validation the corrupt files come out as read, a missing one is skipped.
+    loaded = SkipLog()
+    entries = load_annotations(index, loaded)
+    assert entries == annotations and len(loaded) == 0
+    sliced = SkipLog()
+    records = list(read_cc_sbu_align(root, skips=sliced, entries=entries[2:7], first=2, validate=False))
+    assert [r["id"] for r in records] == ["corrupt", "abc", "cut"]
+    assert records[0]["image"] == GARBAGE
+    assert sorted(sliced.paths()) == sorted([str(root / "image" / "missing.jpg"), f"{index}#annotations[6]"])
 
 
 @pytest.mark.parametrize("content", ["{broken", '{"something": []}', '[1, 2]'])
@@ -306,6 +327,14 @@ def test_llava_instruct(tmp_path):
     write(tmp_path / "bad.json", {"annotations": []})
     assert list(read_llava_instruct(tmp_path / "bad.json", images, skips=not_a_list)) == []
     assert not_a_list.paths() == [str(tmp_path / "bad.json")]
+    assert load_entry_list(tmp_path / "bad.json", SkipLog()) == []
+
+    # The last two entries, handed over loaded: numbered as in the file; the truncated image is
+    # not decoded without validation, so "cut" comes out.
+    sliced = SkipLog()
+    records = list(read_llava_instruct(index, images, skips=sliced, entries=entries[2:4], first=2, validate=False))
+    assert [r["id"] for r in records] == ["cut_0"]
+    assert sliced.paths() == [f"{index}[3]"]
 
 
 # --------------------------------------------------------------------------------------------------

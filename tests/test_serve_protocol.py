@@ -286,7 +286,7 @@ def test_a_stopped_worker_finishes_its_call_fails_what_waits_and_is_not_alive(ti
         isinstance(first[-2], WorkerStopped) or any(isinstance(e, list) and e[0] is not None and e[0].done for e in first)
     )
     assert isinstance(second[0], WorkerStopped) and second[1:] == [None]
-    with pytest.raises(RuntimeError, match="stopped"):
+    with pytest.raises(RuntimeError, match="not running"):
         worker.submit([job("bye")], second.append)
 
 

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = command(data, "prepare", data_prepare, PrepareOptions,
                       help="preprocess a corpus (INPUT/corpus.json layout) into Parquet shards with Ray Data")  # fmt: skip
     prepare.add_argument("--input", type=Path, required=True, help="folder holding corpus.json")
-    prepare.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
+    prepare.add_argument("--out", required=True, help="output folder or URI (s3://bucket/prefix, gs://...); new or empty")
     prepare.add_argument("--address", help="an existing Ray cluster (default: a local Ray)")
     prepare.add_argument("--preset", choices=["tiny", "7b", "13b"], help="image size and clips (default tiny)")
     prepare.add_argument("--features-model", type=Path, help="also store frozen encoder tokens")

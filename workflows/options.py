@@ -18,7 +18,7 @@ class SynthOptions:
 @dataclass
 class PrepareOptions:
     input: Path  # folder holding corpus.json
-    out: Path  # output folder (new or empty), or a previous output with `overwrite`
+    out: str | Path  # output folder or URI (s3://..., gs://...), new or empty, or a previous output with `overwrite`
     address: str | None = None  # Ray cluster (default: a local Ray)
     preset: str = "tiny"
     features_model: Path | None = None  # also store frozen encoder tokens

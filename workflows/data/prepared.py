@@ -1,9 +1,19 @@
 """Reading a prepared corpus (the output of `bubogpt data prepare`): plain Python, no Ray.
 
+PREPARED is a local folder or a URI of any pyarrow filesystem (`s3://bucket/prefix`,
+`gs://bucket/prefix`, `file:///abs/path`); credentials and endpoints come from the environment as
+pyarrow reads them (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL).
+
 Layout (a contract: training, evaluation and serving tests read it):
 
     PREPARED/manifest.json
     PREPARED/<dataset>/<split>/*.parquet      dataset in DATASETS, split in SPLITS
+
+The manifest lists the shards of every split (`files[dataset][split]`, paths relative to
+PREPARED), and readers read exactly those: on object storage a folder may also hold shards of a
+run that failed or of an output being replaced, which no manifest lists. `shard_paths` is the way
+to find a split's shards (a manifest written before `files` existed falls back to the folder's
+*.parquet).
 
 Columns of every shard:
 
@@ -28,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -46,14 +57,48 @@ class PreparedDataError(ValueError):
     """A prepared corpus or one of its rows is unusable; the message names the file or column."""
 
 
+# --------------------------------------------------------------------------------------------------
+# Locations: a local path or a pyarrow filesystem URI
+# --------------------------------------------------------------------------------------------------
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def resolve_location(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path (made absolute) or a URI such as s3://bucket/x."""
+    if is_uri(location):
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(str(location))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise PreparedDataError(f"{location}: not a usable filesystem URI: {err}") from err
+        return filesystem, path.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def join_location(location: str | Path, relative: str) -> str:
+    """A location (local path or URI) + a "/"-separated relative path, in the location's own form."""
+    if is_uri(location):
+        return f"{str(location).rstrip('/')}/{relative}"
+    return str(Path(location) / relative)
+
+
 def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     """PREPARED/manifest.json, checked for the keys consumers rely on."""
-    path = Path(prepared_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise PreparedDataError(f"{prepared_dir} is not a prepared corpus: {MANIFEST_FILE} not found")
+    filesystem, root = resolve_location(prepared_dir)
+    path = f"{root}/{MANIFEST_FILE}"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        with filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode("utf-8")
+    except FileNotFoundError:
+        raise PreparedDataError(f"{prepared_dir} is not a prepared corpus: {MANIFEST_FILE} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PreparedDataError(f"{join_location(prepared_dir, MANIFEST_FILE)}: unreadable manifest: {err}") from err
+    path = join_location(prepared_dir, MANIFEST_FILE)  # for messages: as the user wrote it
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
         raise PreparedDataError(f"{path}: unreadable manifest: {err}") from err
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
@@ -63,22 +108,43 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def shard_paths(prepared_dir: str | Path, dataset: str, split: str) -> list[Path]:
-    """The Parquet shards of one dataset split, in name order (may be empty of rows, never absent)."""
-    if dataset not in DATASETS or split not in SPLITS:
-        raise PreparedDataError(f"unknown dataset/split {dataset}/{split}; expected {DATASETS} x {SPLITS}")
-    folder = Path(prepared_dir) / dataset / split
-    paths = sorted(folder.glob("*.parquet"))
-    if not paths:
-        raise PreparedDataError(f"{folder}: no Parquet shards (was this split prepared?)")
-    return paths
+def shard_paths(
+    prepared_dir: str | Path, dataset: str, split: str, manifest: dict[str, Any] | None = None
+) -> list[str]:
+    """The Parquet shards of one dataset split, in name order (may be empty of rows, never absent).
+
+    Each is a local path or a URI, like `prepared_dir`: what `ray.data.read_parquet` and
+    `pyarrow.parquet` take. `manifest`: the corpus' manifest, when the caller has read it already.
+    """
+    return [join_location(prepared_dir, path) for path in _split_shards(prepared_dir, dataset, split, manifest)]
 
 
 def read_split(
     prepared_dir: str | Path, dataset: str, split: str, columns: list[str] | None = None
 ) -> pa.Table:
     """All rows of one dataset split as one Arrow table (fine for small corpora; stream otherwise)."""
-    return pa.concat_tables(pq.read_table(path, columns=columns) for path in shard_paths(prepared_dir, dataset, split))
+    filesystem, root = resolve_location(prepared_dir)
+    shards = _split_shards(prepared_dir, dataset, split)
+    return pa.concat_tables(pq.read_table(f"{root}/{path}", columns=columns, filesystem=filesystem) for path in shards)
+
+
+def _split_shards(
+    prepared_dir: str | Path, dataset: str, split: str, manifest: dict[str, Any] | None = None
+) -> list[str]:
+    """The split's shards relative to PREPARED ("<dataset>/<split>/<name>.parquet"), sorted."""
+    if dataset not in DATASETS or split not in SPLITS:
+        raise PreparedDataError(f"unknown dataset/split {dataset}/{split}; expected {DATASETS} x {SPLITS}")
+    manifest = read_manifest(prepared_dir) if manifest is None else manifest
+    if "files" in manifest:
+        shards = manifest["files"].get(dataset, {}).get(split, [])
+    else:  # written before the manifest listed its files: every shard in the folder
+        filesystem, root = resolve_location(prepared_dir)
+        found = filesystem.get_file_info(pafs.FileSelector(f"{root}/{dataset}/{split}", allow_not_found=True))
+        shards = [f"{dataset}/{split}/{info.base_name}" for info in found if info.base_name.endswith(".parquet")]
+    if not shards:
+        folder = join_location(prepared_dir, f"{dataset}/{split}")
+        raise PreparedDataError(f"{folder}: no Parquet shards (was this split prepared?)")
+    return sorted(shards)
 
 
 def decode_tensor(

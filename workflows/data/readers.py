@@ -6,7 +6,7 @@ Every reader is a plain generator (no Ray needed) that yields records:
      "image": bytes | None,       # the raw encoded file, as stored
      "image_path": str | None,
      "audio": bytes | None,       # the raw encoded file, as stored
-     "audio_path": str | None,    # None for audio read from inside a tar
+     "audio_path": str | None,    # for audio inside a WavCaps tar: "<tar path>:<member name>"
      "instruction": str,          # "" when the set has none: the trainer then picks a phrasing
      "answer": str,
      "meta": str}                 # JSON object: any ground truth the source carries; "{}" if none
@@ -51,7 +51,12 @@ Common rules:
     - In annotation entries, "instruction" (a string) becomes the record's instruction; every other
       extra field is ground truth and goes to meta (a "meta" object is merged into it).
     - Media are validated by decoding them (bubogpt.preprocess.decode_image / decode_audio), so a
-      corrupt file is caught here, not in training.
+      corrupt file is caught here, not in training. `validate=False` leaves that to the caller: the
+      preparation pipeline decodes every file anyway to preprocess it, and a second decode here
+      would cost about a sixth of its time (a file missing or unreadable is still skipped here).
+    - Readers of an index file (all but WavCaps) take `entries=` and `first=`: a slice of the index
+      loaded beforehand (`load_annotations` / `load_entry_list`), whose first entry is number
+      `first` of the file. The pipeline loads a big index once and hands slices to its workers.
     - A reader never dies on bad data: a missing or corrupt media file, a malformed entry or a
       missing caption skips that record; an unreadable index file or a truncated tar skips the
       rest of that file. Each skip is logged and added to `skips` (a `SkipLog`: entries
@@ -89,6 +94,7 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
+CC_SBU_ALIGN_INDEX = "filter_cap.json"
 IMAGE_EXT = ".jpg"
 AUDIO_EXT = ".wav"
 TAR_AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")  # webdataset field names holding the audio
@@ -167,8 +173,9 @@ def _load_json(path: Path, skips: SkipLog) -> Any | None:
     return None
 
 
-def _load_annotations(path: Path, skips: SkipLog) -> list[Any]:
+def load_annotations(path: str | Path, skips: SkipLog) -> list[Any]:
     """The "annotations" list of a {"annotations": [...]} index ([] with a skip when unusable)."""
+    path = Path(path)
     index = _load_json(path, skips)
     if index is None:
         return []
@@ -226,28 +233,30 @@ def _media_path(folder: Path, name: str, default_ext: str) -> Path:
     return path
 
 
-def _read_image(path: Path) -> bytes:
+def _read_image(path: Path, validate: bool) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise _Skip(path, "image file not found") from None
     except OSError as err:
         raise _Skip(path, f"image file unreadable: {err}") from err
-    try:
-        decode_image(data)
-    except MediaError as err:
-        raise _Skip(path, f"bad image: {err}") from err
+    if validate:
+        try:
+            decode_image(data)
+        except MediaError as err:
+            raise _Skip(path, f"bad image: {err}") from err
     return data
 
 
-def _read_audio(path: Path) -> bytes:
+def _read_audio(path: Path, validate: bool) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise _Skip(path, "audio file not found") from None
     except OSError as err:
         raise _Skip(path, f"audio file unreadable: {err}") from err
-    _check_audio(data, path)
+    if validate:
+        _check_audio(data, path)
     return data
 
 
@@ -271,7 +280,7 @@ def _wds_key(member_name: str) -> tuple[str, str]:
 
 
 def _wavcaps_record(
-    key: str, fields: dict[str, bytes], tar_path: Path, dataset: str, split: str
+    key: str, fields: dict[str, bytes], tar_path: Path, dataset: str, split: str, validate: bool
 ) -> dict[str, Any]:
     where = f"{tar_path}:{key}"
     if "json" not in fields:
@@ -286,21 +295,25 @@ def _wavcaps_record(
     if not isinstance(info, dict):
         raise _Skip(f"{where}.json", "JSON is not an object")
     caption = _text_field(info, "caption", f"{where}.json")
-    _check_audio(fields[audio_field], f"{where}.{audio_field}")
+    if validate:
+        _check_audio(fields[audio_field], f"{where}.{audio_field}")
     return _record(
         dataset,
         split,
         key,
         caption,
         audio=fields[audio_field],
+        audio_path=f"{where}.{audio_field}",  # not a file of its own: the tar and the member
         meta=_extra_meta(info, {"caption"}),
     )
 
 
-def _read_wavcaps_tar(tar_path: Path, dataset: str, split: str, skips: SkipLog) -> Iterator[dict]:
+def _read_wavcaps_tar(
+    tar_path: Path, dataset: str, split: str, skips: SkipLog, validate: bool
+) -> Iterator[dict]:
     def emit(key: str, fields: dict[str, bytes]) -> Iterator[dict]:
         try:
-            yield _wavcaps_record(key, fields, tar_path, dataset, split)
+            yield _wavcaps_record(key, fields, tar_path, dataset, split, validate)
         except _Skip as skip:
             skips.add(skip.path, skip.reason)
 
@@ -328,7 +341,12 @@ def _read_wavcaps_tar(tar_path: Path, dataset: str, split: str, skips: SkipLog) 
 
 
 def read_wavcaps(
-    path: str | Path, split: str = "train", dataset: str = "wavcaps", skips: SkipLog | None = None
+    path: str | Path,
+    split: str = "train",
+    dataset: str = "wavcaps",
+    skips: SkipLog | None = None,
+    *,
+    validate: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Audio-caption records from one webdataset .tar or a folder of them (see module docstring)."""
     skips = SkipLog() if skips is None else skips
@@ -343,7 +361,7 @@ def read_wavcaps(
         skips.add(path, "not found")
         tars = []
     for tar_path in tars:
-        yield from _read_wavcaps_tar(tar_path, dataset, split, skips)
+        yield from _read_wavcaps_tar(tar_path, dataset, split, skips, validate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,12 +374,17 @@ def read_cc_sbu_align(
     split: str = "train",
     dataset: str = "cc_sbu_align",
     skips: SkipLog | None = None,
+    *,
+    entries: list[Any] | None = None,
+    first: int = 0,
+    validate: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Image-caption records from `root/filter_cap.json` and `root/image/<image_id>.jpg`."""
     skips = SkipLog() if skips is None else skips
     root = Path(root)
-    index = root / "filter_cap.json"
-    for i, entry in enumerate(_load_annotations(index, skips)):
+    index = root / CC_SBU_ALIGN_INDEX
+    entries = load_annotations(index, skips) if entries is None else entries
+    for i, entry in enumerate(entries, start=first):
         where = f"{index}#annotations[{i}]"
         try:
             if not isinstance(entry, dict):
@@ -374,7 +397,7 @@ def read_cc_sbu_align(
                 split,
                 image_id,
                 caption,
-                image=_read_image(image_path),
+                image=_read_image(image_path, validate),
                 image_path=image_path,
                 instruction=_instruction_field(entry, where),
                 meta=_extra_meta(entry, {"image_id", "caption", "instruction"}),
@@ -413,23 +436,34 @@ def _turn_pairs(conversations: Any, where: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def load_entry_list(path: str | Path, skips: SkipLog) -> list[Any]:
+    """A JSON-list index such as LLaVA-Instruct's ([] with a skip when unusable)."""
+    path = Path(path)
+    entries = _load_json(path, skips)
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        skips.add(path, "index file is not a JSON list")
+        return []
+    return entries
+
+
 def read_llava_instruct(
     annotation_path: str | Path,
     image_dir: str | Path,
     split: str = "train",
     dataset: str = "llava_instruct",
     skips: SkipLog | None = None,
+    *,
+    entries: list[Any] | None = None,
+    first: int = 0,
+    validate: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """One record per human -> gpt turn pair of a LLaVA-Instruct JSON list (see module doc)."""
     skips = SkipLog() if skips is None else skips
     annotation_path, image_dir = Path(annotation_path), Path(image_dir)
-    entries = _load_json(annotation_path, skips)
-    if entries is None:
-        return
-    if not isinstance(entries, list):
-        skips.add(annotation_path, "index file is not a JSON list")
-        return
-    for i, entry in enumerate(entries):
+    entries = load_entry_list(annotation_path, skips) if entries is None else entries
+    for i, entry in enumerate(entries, start=first):
         where = f"{annotation_path}[{i}]"
         try:
             if not isinstance(entry, dict):
@@ -438,7 +472,7 @@ def read_llava_instruct(
             image_name = _name_field(entry, "image", where)
             pairs = _turn_pairs(entry.get("conversations"), where)
             image_path = _media_path(image_dir, image_name, IMAGE_EXT)
-            image = _read_image(image_path)  # decoded once, shared by all turns of the entry
+            image = _read_image(image_path, validate)  # read once, shared by all turns of the entry
         except _Skip as skip:
             skips.add(skip.path, skip.reason)
             continue
@@ -470,12 +504,17 @@ def read_clotho(
     split: str = "train",
     dataset: str = "clotho",
     skips: SkipLog | None = None,
+    *,
+    entries: list[Any] | None = None,
+    first: int = 0,
+    validate: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Audio-caption records from `audio_cap.json` and `<audio_dir>/<audio_id>.wav`."""
     skips = SkipLog() if skips is None else skips
     annotation_path = Path(annotation_path)
     audio_dir = annotation_path.parent if audio_dir is None else Path(audio_dir)
-    for i, entry in enumerate(_load_annotations(annotation_path, skips)):
+    entries = load_annotations(annotation_path, skips) if entries is None else entries
+    for i, entry in enumerate(entries, start=first):
         where = f"{annotation_path}#annotations[{i}]"
         try:
             if not isinstance(entry, dict):
@@ -488,7 +527,7 @@ def read_clotho(
                 split,
                 audio_id,
                 caption,
-                audio=_read_audio(audio_path),
+                audio=_read_audio(audio_path, validate),
                 audio_path=audio_path,
                 instruction=_instruction_field(entry, where),
                 meta=_extra_meta(entry, {"audio_id", "caption", "instruction"}),
@@ -509,9 +548,13 @@ def _read_image_audio_pairs(
     split: str,
     dataset: str,
     skips: SkipLog,
+    entries: list[Any] | None,
+    first: int,
+    validate: bool,
 ) -> Iterator[dict[str, Any]]:
     known = {"audio_id", "image_id", "caption", "instruction"}
-    for i, entry in enumerate(_load_annotations(annotation_path, skips)):
+    entries = load_annotations(annotation_path, skips) if entries is None else entries
+    for i, entry in enumerate(entries, start=first):
         where = f"{annotation_path}#annotations[{i}]"
         try:
             if not isinstance(entry, dict):
@@ -527,9 +570,9 @@ def _read_image_audio_pairs(
                 split,
                 f"{image_id}+{audio_id}",
                 caption,
-                image=_read_image(image_path),
+                image=_read_image(image_path, validate),
                 image_path=image_path,
-                audio=_read_audio(audio_path),
+                audio=_read_audio(audio_path, validate),
                 audio_path=audio_path,
                 instruction=instruction,
                 meta=_extra_meta(entry, known),
@@ -545,11 +588,15 @@ def read_vggss(
     split: str = "train",
     dataset: str = "vggss",
     skips: SkipLog | None = None,
+    *,
+    entries: list[Any] | None = None,
+    first: int = 0,
+    validate: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Sound-localisation records (image + audio + caption); extra fields such as "bbox" -> meta."""
     skips = SkipLog() if skips is None else skips
     yield from _read_image_audio_pairs(
-        Path(annotation_path), Path(image_dir), Path(audio_dir), split, dataset, skips
+        Path(annotation_path), Path(image_dir), Path(audio_dir), split, dataset, skips, entries, first, validate
     )
 
 
@@ -560,9 +607,13 @@ def read_negative_pairs(
     split: str = "train",
     dataset: str = "negative_pairs",
     skips: SkipLog | None = None,
+    *,
+    entries: list[Any] | None = None,
+    first: int = 0,
+    validate: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Unrelated image-audio pairs in the layout described in the module docstring."""
     skips = SkipLog() if skips is None else skips
     yield from _read_image_audio_pairs(
-        Path(annotation_path), Path(image_dir), Path(audio_dir), split, dataset, skips
+        Path(annotation_path), Path(image_dir), Path(audio_dir), split, dataset, skips, entries, first, validate
     )
