@@ -25,6 +25,7 @@ from bubogpt.checkpoints.native import load_model
 from bubogpt.checkpoints.training_state import is_complete, read_model, read_state
 from bubogpt.training import stage_configs
 from workflows.cli import parse
+from workflows.run_storage import RunStorage, local_folder
 from workflows.train import SAMPLE_LOG_ENV, job_name, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +235,59 @@ def job_name_of(stages: str):
     return job_name([stage_configs("tiny")[s] for s in stages.split(",")])
 
 
+def test_readme_rerun_with_more_steps_resumes_from_object_storage(ray_session, prepared_small_corpus, stage_jobs, s3_server,
+                                                                   tmp_path, capfd):  # fmt: skip
+    """The README's rerun, with the checkpoints on S3 (a moto server): `bubogpt train --stage stage1
+    --max-steps 4 --storage s3://...` (a checkpoint every 2 steps), then the same command with
+    `--max-steps 8`. The checkpoints land in the bucket, none on local disk; the rerun continues from
+    step 4 (steps 5..8 run, 1..4 do not run again) and reads the rows an uninterrupted run reads
+    at steps 5..8, not the start of the epoch again."""
+    import boto3
+
+    reference = stage_jobs[0]
+    bucket = "readme-rerun"
+    storage = f"{s3_server.create_bucket(bucket)}/runs"
+    out = tmp_path / "rerun"
+    config = {**FAST, "checkpoint_every": 2, "log_every": 1}
+    run = job_name_of("stage1")
+
+    def command(steps: int) -> list[str]:
+        return _train_args(prepared_small_corpus.prepared_dir, out, "stage1", steps, config, "--storage", storage,
+                           "--max-failures", "0")  # fmt: skip
+
+    def checkpoints_in_the_bucket() -> set[str]:
+        keys = boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(Bucket=bucket).get("Contents", [])
+        return {key["Key"].split("/")[2] for key in keys if key["Key"].startswith(f"runs/{run}/stage1_step_")}
+
+    with mock.patch.dict(os.environ, {SAMPLE_LOG_ENV: "1"}):
+        assert run_training(parse(command(4))[1]) == 0
+        assert checkpoints_in_the_bucket() == {"stage1_step_000002", "stage1_step_000004"}
+        assert not (out / "ray").exists()  # nothing of Ray Train's storage on local disk
+        assert stage_ends(out) == {"stage1": Path(f"{storage}/{run}/stage1_step_000004")}
+        capfd.readouterr()
+        assert run_training(parse(command(8))[1]) == 0
+    assert f"run {run} has a checkpoint of stage1 at step 4 in {storage}/{run}/stage1_step_000004" in capfd.readouterr().out
+    assert checkpoints_in_the_bucket() == {f"stage1_step_{step:06d}" for step in (2, 4, 6, 8)}
+    end = f"{storage}/{run}/stage1_step_000008"
+    assert json.loads((out / "stages.json").read_text()) == {"stage1": end}
+    assert json.loads((out / "progress" / "rank0.json").read_text())["resumed_from"] == 4
+    first, rerun = RunStorage(f"{storage}/{run}/stage1_step_000004"), RunStorage(end)
+    history = rerun.read_state(rerun.root).loss_history
+    assert [step for step, _ in history] == list(range(1, 9))
+    assert history[:4] == first.read_state(first.root).loss_history  # runs on from the checkpoint
+    # Each step ran once (1..4 in the first job, 5..8 in the rerun), on the rows an uninterrupted run
+    # of the same seed reads: the data continues where the first job stopped.
+    records = sample_log(out)[0]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    theirs = trained_ids(reference)[0]
+    assert [r["ids"] for r in records] == [theirs[("stage1", step)] for step in range(1, 9)]
+    # The exported model is the step-8 checkpoint's, read back from the bucket.
+    with local_folder(f"{end}/model") as folder:
+        last = read_model(folder).state_dict()
+    exported = load_model(out / "model").state_dict()
+    assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)
+
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_session, prepared_small_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2") / "run"
@@ -267,7 +321,7 @@ def test_deepspeed_zero_lowers_the_loss(ray_session, prepared_small_corpus, tmp_
 # --- killed runs resume: steps, losses and the rows they train on ---------------------------------
 
 
-KILL_STEPS, KILL_EVERY = 12, 3
+KILL_STEPS, KILL_EVERY = STEPS, 4  # the reference runs' steps: every step's loss can be compared
 
 
 def _wait_for_a_checkpoint_then(out: Path, run: str, stage: str, process: subprocess.Popen, log_path: Path) -> dict:
@@ -295,11 +349,14 @@ def _wait_gone(pids: set[int], timeout_s: float = 60) -> None:
 
 def _assert_resumed_like_the_reference(out: Path, end: Path, reference: Path, stage: str, resumed_from: int) -> None:
     """The run ends with every planned step once, its loss history runs on from the checkpoint it
-    resumed from, and every rank trained on the rows the uninterrupted reference run trained on."""
+    resumed from (the losses an uninterrupted run has), and every rank trained on the rows the
+    uninterrupted reference run trained on."""
     history = read_state(end).loss_history
     assert [step for step, _ in history] == list(range(1, KILL_STEPS + 1))  # no gap, no repeat
     checkpoint = end.parent / f"{stage}_step_{resumed_from:06d}"
     assert history[:resumed_from] == read_state(checkpoint).loss_history  # runs on from the checkpoint
+    uninterrupted = read_state(stage_ends(reference)[stage]).loss_history
+    assert [loss for _, loss in history] == pytest.approx([loss for _, loss in uninterrupted], abs=2e-3)
     ours, theirs = trained_ids(out), trained_ids(reference)
     assert set(ours) == set(theirs)
     for rank in ours:

@@ -187,8 +187,10 @@ def train_stage(
     for step in range(start_step, config.max_steps):
         if callbacks.step_started:
             callbacks.step_started(config.stage, step, start_step)
-        # The instructions drawn depend on the step only: a resumed run asks what an uninterrupted one would.
+        # Randomness (the instructions drawn, dropout) depends on the step only: a resumed run draws
+        # what an uninterrupted one would.
         rng = np.random.default_rng([config.seed, rank, step])
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
         step_loss, samples, tokens = 0.0, 0, 0
         for micro in range(config.grad_accum_steps):
             dataset = mixer.choose(step, micro)
