@@ -7,6 +7,7 @@ Which rows a step trained on is recorded with BUBOGPT_SAMPLE_LOG=1 (OUT/progress
 Those ids depend on the seed, the batch size and the datasets, not on the number of steps or the
 schedule: a killed run of fewer steps is compared with the first steps of a longer reference run."""
 
+import hashlib
 import json
 import os
 import signal
@@ -95,22 +96,74 @@ def test_artifacts_loss_curve_config_samples_and_model(trained_tiny_model, mlflo
     parent = trained_tiny_model.run["run_id"]
     model_files = {Path(a.path).name for a in mlflow_client.list_artifacts(parent, "model")}
     assert {"bubogpt_config.json", "model.safetensors", "llm"} <= model_files
-    evaluation = json.loads(Path(mlflow_client.download_artifacts(parent, "eval/eval.json", str(tmp_path))).read_text())
-    metrics = mlflow_client.get_run(parent).data.metrics
-    for name, value in evaluation["metrics"].items():
-        assert metrics[f"eval_{name}"] == pytest.approx(value)
-    assert {"image_qa", "sound_kind", "unrelated_rate", "false_alarm_rate", "localisation"} <= set(evaluation["metrics"])
 
 
-def test_registered_model_version_points_at_the_exported_model(trained_tiny_model, mlflow_client, tmp_path):
+def _our_version(trained_tiny_model, mlflow_client):
     versions = mlflow_client.search_model_versions("name='bubogpt-tiny'")
     ours = [v for v in versions if v.run_id == trained_tiny_model.run["run_id"]]
     assert len(ours) == 1
+    return ours[0]
+
+
+def test_evaluation_is_a_run_linked_to_the_training_run_and_the_model_version(trained_tiny_model, mlflow_client, tmp_path):
+    parent = mlflow_client.get_run(trained_tiny_model.run["run_id"])
+    found = mlflow_client.search_runs([parent.info.experiment_id], f"tags.training_run_id = '{parent.info.run_id}'")
+    assert len(found) == 1
+    evaluation_run = found[0]
+    version = _our_version(trained_tiny_model, mlflow_client)
+    assert evaluation_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert evaluation_run.data.tags["model_version"] == f"bubogpt-tiny/{version.version}"
+    assert evaluation_run.data.params["model"] == f"models:/bubogpt-tiny/{version.version}"
+    assert version.tags["eval_run_id"] == evaluation_run.info.run_id  # and back, from the model version
+    assert evaluation_run.info.status == "FINISHED"
+    local = mlflow_client.download_artifacts(evaluation_run.info.run_id, "eval/eval.json", str(tmp_path))
+    evaluation = json.loads(Path(local).read_text())
+    assert evaluation == json.loads((trained_tiny_model.out_dir / "eval.json").read_text())
+    assert {"image_qa", "sound_kind", "unrelated_rate", "false_alarm_rate", "localisation"} <= set(evaluation["metrics"])
+    for name, value in evaluation["metrics"].items():  # in the evaluation run, and beside the job's own metrics
+        assert evaluation_run.data.metrics[f"eval_{name}"] == pytest.approx(value)
+        assert parent.data.metrics[f"eval_{name}"] == pytest.approx(value)
+
+
+def test_job_run_tags_dataset_input_and_system_metrics(trained_tiny_model, mlflow_client, ray_session):
+    run = mlflow_client.get_run(trained_tiny_model.run["run_id"])
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["ray.job_id"] == ray_session.get_runtime_context().get_job_id()  # the job that trained it
+    assert run.data.tags["preset"] == "tiny"
+    # Dataset lineage: the prepared corpus, with a digest of its manifest.
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert json.loads(dataset.source)["uri"] == str(trained_tiny_model.prepared_dir)
+    manifest = json.loads((trained_tiny_model.prepared_dir / "manifest.json").read_text())
+    assert dataset.digest == hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    assert {(t.key, t.value) for t in dataset_input.tags} == {("mlflow.data.context", "training")}
+    # System metrics of the rank-0 worker's node, sampled while it trained.
+    cpu = mlflow_client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    memory = mlflow_client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert cpu and memory and all(0 <= m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
+
+
+def test_registered_model_version_points_at_the_exported_model(trained_tiny_model, mlflow_client, tmp_path):
+    ours = [_our_version(trained_tiny_model, mlflow_client)]
     local = Path(mlflow_client.download_artifacts(ours[0].run_id, "model", str(tmp_path)))
     registered = load_model(local)
     exported = load_model(trained_tiny_model.model_dir)
     a, b = registered.state_dict(), exported.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_newest_alias_moves_to_each_new_version(trained_tiny_model, mlflow_client):
+    from workflows.tracking import MlflowTracker
+
+    newest = max(mlflow_client.search_model_versions("name='bubogpt-tiny'"), key=lambda v: int(v.version))
+    assert mlflow_client.get_model_version_by_alias("bubogpt-tiny", "newest").version == newest.version
+    # Two more versions of a model of its own: the alias follows each.
+    tracker = MlflowTracker.start_job(trained_tiny_model.tracking_uri, "alias-test", {})
+    for expected in ("1", "2"):
+        assert tracker.register_model(trained_tiny_model.model_dir, "bubogpt-alias-test") == expected
+        assert mlflow_client.get_model_version_by_alias("bubogpt-alias-test", "newest").version == expected
+    tracker.end_run()
 
 
 def test_exported_model_is_the_last_stage_end_with_every_weight(trained_tiny_model):

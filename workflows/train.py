@@ -250,6 +250,17 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
         tracker = MlflowTracker.attach(loop_config["tracking"]["uri"], loop_config["tracking"]["run_id"])
 
+    # The node's CPU, memory, disk, network (and GPU) while it trains, into the job run.
+    monitor = tracker.system_metrics() if tracker else None
+    try:
+        _train_on_worker(loop_config, stages, worker, tracker, stage_runs)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _train_on_worker(loop_config: dict[str, Any], stages: list[TrainConfig], worker: Worker, tracker,
+                     stage_runs: dict[str, str]) -> None:  # fmt: skip
     model, resume = _load_checkpoint(loop_config, stages, worker)
     if resume is not None and worker.rank == 0:
         log(f"resuming from the checkpoint of {resume.state.stage} at step {resume.state.step}")
@@ -433,7 +444,7 @@ def run_training(options: TrainOptions) -> int:
 
     from workflows.evaluate import evaluate_model, log_evaluation, sample_generations
     from workflows.ray_connect import connect
-    from workflows.tracking import MlflowTracker, resolve_tracking_uri
+    from workflows.tracking import NEWEST_ALIAS, MlflowTracker, job_tags, resolve_tracking_uri
 
     if options.data is None:
         raise TrainJobError("--data is required (a prepared corpus) for every stage but grounding")
@@ -463,7 +474,9 @@ def run_training(options: TrainOptions) -> int:
                   "num_workers": options.num_workers, "deepspeed": options.deepspeed or "none",
                   "stages": ",".join(c.stage for c in configs), "data_mode": data_mode,
                   "storage": storage.location}  # fmt: skip
-    tracker = MlflowTracker.start_job(uri, f"{options.preset}-{options.stage}", job_params, artifact_location)
+    tracker = MlflowTracker.start_job(uri, f"{options.preset}-{options.stage}", job_params, artifact_location,
+                                      tags=job_tags(options.preset, ray.get_runtime_context().get_job_id()))  # fmt: skip
+    tracker.log_input(manifest, str(data_dir))
     log(f"MLflow run {tracker.run_id} at {uri}")
     status, stage_runs = "FAILED", {}
     try:
@@ -490,11 +503,18 @@ def run_training(options: TrainOptions) -> int:
             tracker.end_run(stage_runs[config.stage])
         model_dir = Path(ray.get(on_worker(options, export_model, storage.uri(finals[configs[-1].stage]), out_dir)))
         log(f"exported the final model to {model_dir}")
+        name = f"bubogpt-{options.preset}"
+        version = tracker.register_model(model_dir, name)
+        log(f"registered model {name} version {version} (alias {NEWEST_ALIAS})")
         if options.eval:
             report = ray.get(on_worker(options, evaluate_model, model_dir, data_dir, limit=options.eval_limit, device=device))
-            log_evaluation(report, tracker, out_dir / "eval.json", model_dir=model_dir)
-        version = tracker.register_model(model_dir, f"bubogpt-{options.preset}")
-        log(f"registered model bubogpt-{options.preset} version {version}")
+            # A run of its own, linked to the training run (nested in it) and to the model version.
+            eval_run = tracker.start_stage("eval", {"model": f"models:/{name}/{version}"},
+                                           tags={"training_run_id": tracker.run_id, "model_version": f"{name}/{version}"})  # fmt: skip
+            evaluation = log_evaluation(report, tracker, out_dir / "eval.json", run_id=eval_run, model_dir=model_dir)
+            tracker.end_run(eval_run)
+            tracker.log_metrics({f"eval_{k}": v for k, v in evaluation["metrics"].items()}, 0)  # beside the job's own
+            tracker.tag_model_version(name, version, {"eval_run_id": eval_run})
         status = "FINISHED"
     finally:
         if status != "FINISHED":
