@@ -19,6 +19,7 @@ from bubogpt.checkpoints.training_state import (
     load_optimizer_state,
     read_model,
     read_state,
+    read_stream_positions,
     save_checkpoint,
     write_model,
 )
@@ -99,6 +100,83 @@ def test_scheduler_drives_the_optimizer_along_the_schedule(model):
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]  # both groups follow it
 
 
+def test_7b_and_13b_follow_lavis_linear_warmup_cosine():
+    """LAVIS's LinearWarmupCosineLRScheduler (bubogpt/common/optims.py:79-112 of the original),
+    stepped before every iteration (tasks/base_task.py:235): warm-up
+    min(init_lr, warmup_lr + (init_lr - warmup_lr) * step / warmup_steps), then
+    min_lr + (init_lr - min_lr) * 0.5 * (1 + cos(pi * step / (max_epoch * iters_per_epoch))),
+    whose progress counts the warm-up's steps too."""
+    for preset in ("7b", "13b"):
+        stage1, stage2 = stage_configs(preset)["stage1"], stage_configs(preset)["stage2"]
+        assert stage1.schedule == stage2.schedule == "lavis"
+        # Stage 1: init_lr 1e-4, min_lr 8e-5, warmup_lr 1e-6, 5000 warm-up steps of 4 x 5000.
+        assert learning_rate(0, stage1) == pytest.approx(1e-6)
+        assert learning_rate(2500, stage1) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
+        assert learning_rate(4999, stage1) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 4999 / 5000)
+        assert learning_rate(5000, stage1) == pytest.approx(9.7071e-5, rel=1e-4)  # not 1e-4: the cosine is 1/4 in
+        assert learning_rate(10000, stage1) == pytest.approx(9e-5)  # halfway: the mean of 1e-4 and 8e-5
+        assert learning_rate(20000, stage1) == pytest.approx(8e-5)
+        # Stage 2: 3e-5 -> 1e-5 over 10 x 5000; at the end of the warm-up the cosine is a tenth in.
+        assert learning_rate(5000, stage2) == pytest.approx(1e-5 + 2e-5 * 0.5 * (1 + math.cos(math.pi / 10)))
+        assert learning_rate(25000, stage2) == pytest.approx(2e-5)
+    # The tiny recipe keeps its own: the cosine starts at the peak when the warm-up ends.
+    tiny_stage1 = stage_configs("tiny")["stage1"]
+    assert tiny_stage1.schedule == "warmup_then_cosine"
+    assert learning_rate(tiny_stage1.warmup_steps, tiny_stage1) == pytest.approx(tiny_stage1.lr)
+    with pytest.raises(TrainConfigError, match="schedule"):
+        make_config(schedule="linear")
+
+
+def test_13b_recipe_is_the_originals():
+    """train_configs/mmgpt4_stage1_audio_13b.yaml and mmgpt4_stage2_mm_13b.yaml of the original."""
+    seven, thirteen = stage_configs("7b"), stage_configs("13b")
+    s1, s2 = thirteen["stage1"], thirteen["stage2"]
+    assert s1.batch_size == 32  # :71 (7B: 64)
+    assert (s1.datasets, s1.lr, s1.min_lr, s1.warmup_start_lr) == (seven["stage1"].datasets, 1e-4, 8e-5, 1e-6)
+    assert s2.batch_size == 10  # :95 (7B: 12)
+    assert s2.max_txt_len == 160  # :6 (7B: 196)
+    assert s2.datasets == {"cc_sbu_align": 3, "llava_instruct": 150, "clotho": 4, "vggss": 31}  # :41-82, no negatives
+    assert (s2.lr, s2.min_lr, s2.warmup_start_lr, s2.warmup_steps, s2.max_steps) == (3e-5, 1e-5, 1e-6, 5000, 50000)
+    # Both big presets compute in bf16, the dtype their frozen LLM and encoders load in.
+    assert {c.precision for c in (*seven.values(), *thirteen.values())} == {"bf16"}
+    assert {c.precision for c in stage_configs("tiny").values()} == {"fp16"}  # tiny: unchanged (CPU: fp32 anyway)
+
+
+def test_caption_stage_targets_end_with_the_stage1_end_symbol(tokenizer):
+    """Stage 1 of the original ends its caption targets with "\n" (mm_gpt4.py:68, :214, :275; its
+    stage-1 configs set no end_sym), stage 2 with "###" (mmgpt4_stage2_mm.yaml:7)."""
+    from bubogpt.training import Callbacks, TorchStepper, train_stage
+
+    torch.manual_seed(0)
+    model = BuboGPT.build(tiny(), tokenizer)
+    model.config.stage1_end_sym = "\n"  # the 7b/13b value (the tiny preset keeps "###")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        """Calls the model and keeps what each supervised row ends with."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **inputs):
+            output = self.inner(**inputs)
+            seen.append([row[row != IGNORE_INDEX].tolist() for row in output.labels])
+            return output
+
+    def stepper(model, optimizer, scheduler, config):
+        return TorchStepper(Recorder(model), optimizer, scheduler)
+
+    for stage, style, dataset, row, end in (
+        ("stage1", "caption", "wavcaps", _row("wavcaps", audio=True, answer="A low buzz."), "\n"),
+        ("stage2", "instruction", "clotho", _row("clotho", audio=True, answer="A low buzz."), "###"),
+    ):
+        config = make_config(stage=stage, prompt_style=style, datasets={dataset: 1.0}, max_steps=1, warmup_steps=0)
+        seen.clear()
+        train_stage(model, config, {dataset: FixedStream([row])}, stepper, Callbacks(lambda *a: None, lambda line: None))
+        assert seen == [[tokenizer("A low buzz." + end, add_special_tokens=False).input_ids]], stage
+
+
 # --- weight decay groups --------------------------------------------------------------------------
 
 
@@ -168,6 +246,7 @@ def test_presets_follow_the_reference_and_keep_tiny_stages_tiny():
     assert (s2.lr, s2.min_lr, s2.warmup_start_lr, s2.batch_size) == (3e-5, 1e-5, 1e-6, 12)
     assert s1.max_steps == 4 * 5000 and s2.max_steps == 10 * 5000
     assert (s1.max_txt_len, s2.max_txt_len) == (128, 196)
+    assert s1.schedule == s2.schedule == "lavis"
     assert s2.datasets == {"cc_sbu_align": 3, "llava_instruct": 150, "clotho": 4, "vggss": 5, "negative_pairs": 3}
     assert s1.prompt_style == "caption" and s2.prompt_style == "instruction"
     for config in seven.values():
@@ -487,13 +566,20 @@ def test_grounding_uses_the_shared_schedule_and_groups():
 
 
 class FixedStream:
-    """The same rows every call (a RowStream)."""
+    """The same rows every call (a RowStream), counting the calls."""
 
     def __init__(self, rows):
-        self.rows = rows
+        self.rows, self.calls = rows, 0
 
     def next_rows(self, decode: bool = True):
+        self.calls += 1
         return self.rows
+
+    def state(self):
+        return {"calls": self.calls}
+
+    def restore(self, state):
+        self.calls = state["calls"]
 
 
 def test_the_recipe_trains_and_resumes_in_one_process_without_ray(model, tmp_path):
@@ -513,19 +599,28 @@ def test_the_recipe_trains_and_resumes_in_one_process_without_ray(model, tmp_pat
         return TorchStepper(model, optimizer, scheduler, config.grad_accum_steps, config.grad_clip)
 
     callbacks = Callbacks(to_folder, lines.append, lambda stage, rows: metrics.extend(rows))
+    started = time.time()
     history = train_stage(model, config, streams, stepper, callbacks)
     assert [s for s, _ in history] == [1, 2, 3, 4, 5, 6] and history[-1][1] < history[0][1]
     assert sorted(saved) == ["stage2_step_000003", "stage2_step_000006"]
-    assert [m["lr"] for _, m in metrics] == pytest.approx([learning_rate(s, config) for s in range(1, 7)])
+    assert [m["lr"] for _, m, _ in metrics] == pytest.approx([learning_rate(s, config) for s in range(1, 7)])
+    assert all(started <= t <= time.time() for _, _, t in metrics)  # stamped when measured
     assert any("stage2 step 6/6" in line for line in lines) and "stage2: finished 6 steps" in lines[-1]
-    # Resume from the step-3 checkpoint: only steps 4..6 run, the history runs on from the checkpoint.
+    # Resume from the step-3 checkpoint: only steps 4..6 run, the history runs on from the checkpoint,
+    # and fresh streams continue from the positions the checkpoint recorded.
+    final_calls = {name: stream.calls for name, stream in streams.items()}
     middle = tmp_path / "stage2_step_000003"
+    positions = read_stream_positions(middle, rank=0, world=1)
+    assert sum(p["calls"] for p in positions.values()) == 3  # three steps, one batch each
+    assert read_stream_positions(middle, rank=0, world=2) is None  # written by one rank: no use to two
+    fresh = {name: FixedStream(stream.rows) for name, stream in streams.items()}
     resumed_model = read_model(middle / "model")
     state = read_state(middle)
-    resumed = train_stage(resumed_model, config, streams, stepper, Callbacks(to_folder, lines.append),
-                          resume=Resume(state, load_optimizer_state(middle)))  # fmt: skip
+    resumed = train_stage(resumed_model, config, fresh, stepper, Callbacks(to_folder, lines.append),
+                          resume=Resume(state, load_optimizer_state(middle), streams=positions))  # fmt: skip
     assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6] and resumed[:3] == history[:3]
     assert lines[-2].startswith("stage2 step 6/6") and lines[-3].startswith("stage2: steps 3..6")
+    assert {name: stream.calls for name, stream in fresh.items()} == final_calls
 
 
 # --- the in-memory stream's position ------------------------------------------------------------------

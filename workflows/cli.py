@@ -230,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_.add_argument("--samples", action=argparse.BooleanOptionalAction,
                         help="log a few generations of each stage's model to MLflow (default on)")
     train_.add_argument("--data-mode", choices=["memory", "stream"],
-                        help="memory (default): each worker reads the training rows once; stream: Ray Data shards per epoch")
+                        help="memory: each worker reads the training rows once (default for tiny); "
+                             "stream: Ray Data shards per epoch (default for 7b/13b)")
+    train_.add_argument("--storage", help="where Ray Train keeps the checkpoints: a local path or a URI "
+                                          "(s3://bucket/prefix, gs://...; default OUT/ray)")
 
     eval_ = command(commands, "eval", evaluate, EvalOptions, help="evaluate a model on the held-out splits of a prepared corpus")
     eval_.add_argument("--model", type=Path, required=True, help="model directory (OUT/model of bubogpt train)")

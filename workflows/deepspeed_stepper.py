@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bubogpt.atomic import atomic_directory
-from bubogpt.checkpoints.training_state import MODEL_DIR, TrainState, write_model, write_state
+from bubogpt.checkpoints.training_state import MODEL_DIR, TrainState, write_extra, write_model, write_state
 from bubogpt.training import Resume, TrainConfig
 
 ZERO_STAGES = {"zero2": 2, "zero3": 3}
@@ -74,9 +74,10 @@ class DeepSpeedStepper:
             return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()), modifier_rank=None)
         return nullcontext()
 
-    def save(self, directory: Path, model: nn.Module, state: TrainState, include_llm: bool) -> None:
+    def save(self, directory: Path, model: nn.Module, state: TrainState, include_llm: bool, extra: dict[str, bytes]) -> None:
         with atomic_directory(directory) as staging:
             self.model.save_checkpoint(str(staging / ENGINE_DIR), tag="state")
+            write_extra(staging, extra)
             with self._gathered():
                 if self.rank == 0:
                     write_model(model, staging / MODEL_DIR, include_llm=include_llm)

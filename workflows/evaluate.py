@@ -91,18 +91,22 @@ class Evaluator:
         }
 
 
-def sample_generations(model_dir: Path, data_dir: Path, config: TrainConfig, per_dataset: int = 2) -> list[dict]:
-    """A few answers of a stage's model on held-out rows of the stage's datasets, in its prompt style."""
+def sample_generations(model_dir: str | Path, data_dir: Path, config: TrainConfig, per_dataset: int = 2,
+                       device: str = "cpu") -> list[dict]:  # fmt: skip
+    """A few answers of a stage's model on held-out rows of the stage's datasets, in its prompt style.
+    `model_dir`: a local path or a storage URI (a checkpoint's model folder under `--storage`)."""
     from bubogpt.checkpoints.training_state import read_model
+    from workflows.run_storage import local_folder
 
     manifest = read_manifest(data_dir)
-    model = read_model(model_dir, trainable_lora=False).eval()
+    with local_folder(model_dir) as local:
+        model = read_model(local, trainable_lora=False).to(device).eval()
     samples = []
     for name in sorted(config.datasets):
         rows = read_split(data_dir, name, "eval").slice(0, per_dataset).to_pylist()
         if not rows:
             continue
-        answers = generate_answers(model, rows, manifest, config.prompt_style, max_new_tokens=48)
+        answers = generate_answers(model, rows, manifest, config.prompt_style, max_new_tokens=48, device=device)
         samples += [{"dataset": name, "id": row["id"], "instruction": row["instruction"], "reference": row["answer"],
                      "generated": answer} for row, answer in zip(rows, answers)]  # fmt: skip
     return samples
@@ -110,16 +114,16 @@ def sample_generations(model_dir: Path, data_dir: Path, config: TrainConfig, per
 
 def evaluate_model(
     model_dir: str | Path, data_dir: str | Path, limit: int | None = None, datasets: tuple[str, ...] = EVAL_DATASETS,
-    examples: int = 400, use_ray: bool = False,
+    examples: int = 400, use_ray: bool = False, device: str = "cpu",
 ) -> EvalReport:
     """Generate and score every eval row (at most `limit` per dataset).
 
-    In this process by default; `use_ray` maps the `Evaluator` over Ray Data (one actor), for
-    corpora whose eval splits are large."""
+    In this process by default (`bubogpt train` calls it in a Ray task with a worker's resources);
+    `use_ray` maps the `Evaluator` over Ray Data (one actor), for corpora whose eval splits are large."""
     manifest = read_manifest(data_dir)
     report = EvalReport()
     started = time.time()
-    evaluator = None if use_ray else Evaluator(str(model_dir), manifest)
+    evaluator = None if use_ray else Evaluator(str(model_dir), manifest, device)
     for dataset in datasets:
         paths = [str(p) for p in shard_paths(data_dir, dataset, "eval")]
         if use_ray:

@@ -17,11 +17,10 @@ class ModelDirError(ValueError):
     """A starting model that is missing or is not a BuboGPT model directory."""
 
 
-def build_initial_model(preset: str, out_dir: Path, init: Path | None, seed: int) -> Path:
-    """OUT/init: the first stage's starting model (tiny: built here; 7b/13b: a copy of --init)."""
-    target = out_dir / "init"
-    if (target / CONFIG_FILE).is_file():
-        return target
+def check_initial_model(preset: str, out_dir: Path, init: Path | None) -> None:
+    """`ModelDirError` when `build_initial_model` could not make OUT/init (checked before any job starts)."""
+    if (out_dir / "init" / CONFIG_FILE).is_file():
+        return
     if init is None and preset != "tiny":
         raise ModelDirError(
             f"preset {preset} starts from pretrained encoders, Q-Formers and a Vicuna: pass --init with a "
@@ -29,6 +28,14 @@ def build_initial_model(preset: str, out_dir: Path, init: Path | None, seed: int
         )
     if init is not None and not (init / CONFIG_FILE).is_file():
         raise ModelDirError(f"--init {init} is not a BuboGPT model directory (no {CONFIG_FILE})")
+
+
+def build_initial_model(preset: str, out_dir: Path, init: Path | None, seed: int) -> Path:
+    """OUT/init: the first stage's starting model (tiny: built here; 7b/13b: a copy of --init)."""
+    target = out_dir / "init"
+    if (target / CONFIG_FILE).is_file():
+        return target
+    check_initial_model(preset, out_dir, init)
     with atomic_directory(target) as staging:
         if init is not None:
             shutil.copytree(init, staging, dirs_exist_ok=True)
@@ -39,17 +46,19 @@ def build_initial_model(preset: str, out_dir: Path, init: Path | None, seed: int
     return target
 
 
-def export_model(checkpoint: Path, out_dir: Path) -> Path:
-    """OUT/model (what serving loads): the final checkpoint's model, LoRA merged into the LLM."""
-    source = checkpoint / MODEL_DIR
-    with atomic_directory(out_dir / "model") as staging:
+def export_model(checkpoint: str | Path, out_dir: Path) -> Path:
+    """OUT/model (what serving loads): the final checkpoint's model, LoRA merged into the LLM.
+    `checkpoint`: a checkpoint folder's location, a local path or a storage URI (`--storage`)."""
+    from workflows.run_storage import local_folder
+
+    with local_folder(f"{checkpoint}/{MODEL_DIR}") as source, atomic_directory(Path(out_dir) / "model") as staging:
         if (source / LORA_DIR).is_dir():
             model = read_model(source, trainable_lora=False)
             model.llm = model.llm.merge_and_unload()
             save_model(model, staging, include_llm=True)
         else:
             shutil.copytree(source, staging, dirs_exist_ok=True)
-    return out_dir / "model"
+    return Path(out_dir) / "model"
 
 
 def _tensor_fingerprint(path: Path, prefix: str) -> str | None:

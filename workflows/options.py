@@ -48,7 +48,8 @@ class TrainOptions:
     eval: bool = True
     eval_limit: int | None = None
     samples: bool = True
-    data_mode: str = "memory"  # memory | stream
+    data_mode: str | None = None  # memory | stream; default: memory for tiny, stream for 7b/13b
+    storage: str | None = None  # Ray Train's checkpoints: a local path or a pyarrow URI (default OUT/ray)
 
 
 @dataclass

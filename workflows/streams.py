@@ -7,7 +7,11 @@ Ray Data shards Ray Train hands each worker (the recipe's `RowStream`).
                                  corpora that do not fit in memory
 
 Each stream's position is `state()` = {"seed", "epoch", "position"}; `restore(state)` continues
-exactly there, so a checkpoint that records the states of its streams can resume the data too.
+exactly there. Every checkpoint records each rank's stream states (`bubogpt.training.recipe`), so a
+resumed run trains on the rows an uninterrupted one would have. For that the rows must come in the
+same order in every run: `InMemoryData` sorts each dataset's rows by id (Ray Data may deliver blocks
+in any order), and stream mode reads with Ray Data's `preserve_order` and a seeded block order
+(`workflows/train.py`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ class InMemoryData:
             for name in set(block.column("dataset").to_pylist()):
                 mask = pa.compute.equal(block.column("dataset"), name)
                 tables.setdefault(name, []).append(block.filter(mask))
-        self.tables = {name: pa.concat_tables(parts) for name, parts in tables.items()}
+        # Sorted by id: the same row order whatever order the blocks arrived in, so a stream's state
+        # (a permutation of row indices) names the same rows in every run.
+        self.tables = {name: pa.concat_tables(parts).sort_by("id") for name, parts in tables.items()}
         self.manifest = manifest
 
     def stream(self, name: str, batch_size: int, seed: int) -> "LocalStream":

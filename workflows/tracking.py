@@ -2,10 +2,17 @@
 
 Only the driver and the rank-0 training worker ever log; every other rank gets a `NullTracker`.
 
-    job run (parent)          flattened job config as params; eval metrics; final artifacts;
+    job run (parent)          flattened job config as params; tags: git commit, Ray job id,
+                              preset; the prepared corpus as its dataset input (`log_input`);
+                              system metrics (CPU, memory, disk, network, GPU) of the rank-0
+                              worker's node while it trains; eval metrics; final artifacts
       stage run (nested)      one per stage: flattened TrainConfig, per-step metrics (loss, lr,
                               samples_per_s, tokens_per_s), loss-curve PNG, sample generations
-    registered model          one version per job, its source the exported model artifact
+      eval run (nested)       the evaluation of the exported model: its metrics and eval.json,
+                              tagged with the training run and the registered model version
+    registered model          one version per job, its source the exported model artifact; the
+                              alias `newest` moves to each new version ("latest" is reserved by
+                              MLflow: `models:/NAME/latest` already means the highest version)
 
 The tracking URI comes from `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else a local store in the
 output folder. That local store is SQLite (`OUT/mlflow.db`, artifacts in `OUT/mlartifacts`): MLflow 3
@@ -22,6 +29,8 @@ from typing import Any
 
 EXPERIMENT = "bubogpt"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+NEWEST_ALIAS = "newest"  # moved to each new registered version
+SYSTEM_METRICS_INTERVAL_S = 5
 
 
 def resolve_tracking_uri(flag: str | None, out_dir: str | Path) -> tuple[str, str | None]:
@@ -45,7 +54,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         pass
 
-    def log_step_metrics(self, rows: Sequence[tuple[int, Mapping[str, float]]], run_id: str | None = None) -> None:
+    def log_step_metrics(self, rows: Sequence[tuple], run_id: str | None = None) -> None:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
@@ -54,7 +63,7 @@ class NullTracker:
     def log_text(self, text: str, name: str, run_id: str | None = None) -> None:
         pass
 
-    def start_stage(self, stage: str, params: Mapping[str, Any]) -> str | None:
+    def start_stage(self, stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str | None:
         return None
 
     def end_run(self, run_id: str | None = None, status: str = "FINISHED") -> None:
@@ -79,7 +88,7 @@ class MlflowTracker(NullTracker):
     @classmethod
     def start_job(
         cls, tracking_uri: str, run_name: str, params: Mapping[str, Any], artifact_location: str | None = None,
-        experiment: str = EXPERIMENT,
+        experiment: str = EXPERIMENT, tags: Mapping[str, str] | None = None,
     ) -> "MlflowTracker":
         from mlflow import MlflowClient
 
@@ -89,7 +98,7 @@ class MlflowTracker(NullTracker):
             found.experiment_id if found is not None
             else client.create_experiment(experiment, artifact_location=artifact_location)
         )  # fmt: skip
-        run = client.create_run(experiment_id, run_name=run_name)
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         tracker = cls(tracking_uri, run.info.run_id, experiment_id)
         tracker.log_params(params)
         return tracker
@@ -99,12 +108,42 @@ class MlflowTracker(NullTracker):
         """Log into an existing run (the Ray worker's side)."""
         return cls(tracking_uri, run_id)
 
-    def start_stage(self, stage: str, params: Mapping[str, Any]) -> str:
+    def start_stage(self, stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
+        """A run nested in the job run (a stage, or the evaluation)."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        run = self.client.create_run(self.experiment_id, run_name=stage, tags={MLFLOW_PARENT_RUN_ID: self.run_id})
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags={MLFLOW_PARENT_RUN_ID: self.run_id, **(tags or {})})
         self.log_params(params, run.info.run_id)
         return run.info.run_id
+
+    def log_input(self, manifest: Mapping[str, Any], location: str, context: str = "training") -> None:
+        """The prepared corpus as the run's dataset input (MLflow's dataset lineage): its location,
+        and a digest of its manifest, which changes whenever its rows do."""
+        import hashlib
+        import json
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # a local path matches two of MLflow's source kinds, both local
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(location)
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        dataset = MetaDataset(source, name=Path(location.rstrip("/")).name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def system_metrics(self):
+        """A started monitor logging this node's system metrics (system/*) into the job run every
+        few seconds; call `.finish()` on it."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       tracking_uri=self.tracking_uri)  # fmt: skip
+        monitor.start()
+        return monitor
 
     def log_params(self, params: Mapping[str, Any], run_id: str | None = None) -> None:
         from mlflow.entities import Param
@@ -116,12 +155,16 @@ class MlflowTracker(NullTracker):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         self.log_step_metrics([(step or 0, metrics)], run_id)
 
-    def log_step_metrics(self, rows: Sequence[tuple[int, Mapping[str, float]]], run_id: str | None = None) -> None:
-        """Many steps' metrics in few requests: [(step, {name: value})]."""
+    def log_step_metrics(self, rows: Sequence[tuple], run_id: str | None = None) -> None:
+        """Many steps' metrics in few requests: [(step, {name: value}[, time measured (s)])], each
+        stamped with the time it was measured (else now)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(step)) for step, values in rows for k, v in values.items() if v is not None]
+        now = time.time()
+        metrics = [
+            Metric(k, float(v), int((row[2] if len(row) > 2 else now) * 1000), int(row[0]))
+            for row in rows for k, v in row[1].items() if v is not None
+        ]  # fmt: skip
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id or self.run_id, metrics=metrics[start:start + 1000])
 
@@ -139,7 +182,8 @@ class MlflowTracker(NullTracker):
         self.client.set_terminated(run_id or self.run_id, status=status)
 
     def register_model(self, model_dir: str | Path, name: str, run_id: str | None = None) -> str:
-        """Log `model_dir` as the run's `model` artifact and register it as a new version of `name`."""
+        """Log `model_dir` as the run's `model` artifact, register it as a new version of `name` and
+        move the `newest` alias to it."""
         run_id = run_id or self.run_id
         self.log_artifact(model_dir, "model", run_id)
         from mlflow.exceptions import MlflowException
@@ -150,7 +194,25 @@ class MlflowTracker(NullTracker):
             pass  # already registered: add a version
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         version = self.client.create_model_version(name, source=source, run_id=run_id)
+        self.client.set_registered_model_alias(name, NEWEST_ALIAS, version.version)
         return version.version
+
+    def tag_model_version(self, name: str, version: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+
+
+def job_tags(preset: str, ray_job_id: str) -> dict[str, str]:
+    """The job run's tags: the preset, the Ray job id and the git commit of this code (when it runs
+    from a git checkout), under MLflow's own key for it, which its UI shows as the source version."""
+    from mlflow.utils.git_utils import get_git_commit
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = {"preset": preset, "ray.job_id": ray_job_id}
+    commit = get_git_commit(str(Path(__file__).resolve().parent))
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def loss_curve_png(history: Sequence[tuple[int, float]], path: str | Path, title: str) -> Path:

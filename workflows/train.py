@@ -1,35 +1,49 @@
 """`bubogpt train`: the BuboGPT stages on Ray Train, tracked in MLflow.
 
-    bubogpt train --data PREPARED --out OUT --stage NAME|all --preset tiny|7b|13b
+    bubogpt train --data PREPARED --out OUT --stage NAME[,NAME...]|all --preset tiny|7b|13b
                   [--config FILE] [--max-steps N] [--num-workers N] [--tracking-uri URI]
-                  [--deepspeed zero2|zero3] [--init MODEL_DIR]
+                  [--deepspeed zero2|zero3] [--init MODEL_DIR] [--storage URI] [--data-mode memory|stream]
 
 The recipe -- stages, what each trains, optimiser, the step loop -- is `bubogpt/training/recipe.py`.
 This file is the Ray glue. The driver starts one `TorchTrainer.fit()` for the whole job (one
 worker-group start, not one per stage); each worker runs `train_func`, which
 
-    1. loads the model: the job's latest checkpoint when Ray restarts the workers after a failure
-       (`ray.train.get_checkpoint()`), else OUT/init (or --init); stage k+1 continues from the model
-       stage k ended with, and each stage end is a checkpoint of its own;
-    2. builds the batch sources from its Ray Data shard (`workflows/streams.py`): "memory" mode
-       (default) reads the rows once per worker, "stream" iterates a shard per dataset and epoch;
+    1. loads the model: the run's latest checkpoint when there is one (`ray.train.get_checkpoint()`:
+       after a worker failure, or when the same job is run again), else the job's starting model;
+       stage k+1 continues from the model stage k ended with, and each stage end is a checkpoint;
+    2. builds the batch sources from its Ray Data shard (`workflows/streams.py`): "memory" mode (the
+       tiny preset's default) reads the rows once per worker, "stream" (7b/13b's default) iterates
+       a shard per dataset and epoch; resuming puts every stream back where the checkpoint left it;
     3. builds the stepper: DDP (`ray.train.torch.prepare_model`) or DeepSpeed ZeRO-2/3
        (`workflows/deepspeed_stepper.py`; gloo on CPU, so it runs anywhere);
     4. runs `bubogpt.training.train`, whose checkpoints (whole model in safetensors + config,
-       optimiser, step; written atomically) go to Ray Train's storage through `ray.train.report`.
+       optimiser, step, each rank's stream positions; written atomically) go to Ray Train's storage
+       through `ray.train.report`.
+
+The driver builds no model: the starting model, the sample generations, the export (with the LoRA
+merge) and the evaluation run as Ray tasks with a training worker's resources (a GPU with --use-gpu).
+
+Jobs, reruns and storage. Each job is one Ray Train run named after its stages (`job_name`:
+"train-stage1", "train-stage2", "train-lm_warmup-vision_align-stage1-stage2" for --stage all) in
+the storage (`--storage`: any pyarrow filesystem URI, default OUT/ray; `workflows/run_storage.py`).
+Running the same command again is Ray Train V2's restore: the same `RunConfig(name, storage_path)`
+finds the run's snapshot, and the workers continue from its latest checkpoint (a job that finished
+only redoes the export). A job of a later stage (`--stage stage2` after a `--stage stage1` job on the
+same OUT, as the RayJobs in cluster/kuberay run them) is a run of its own, so it never takes the
+earlier job's snapshot for its own: it starts from the earlier stage's final checkpoint that
+OUT/stages.json records.
 
 Output folder:
 
-    OUT/init/               the starting model (tiny: built here; 7b/13b: a copy of --init)
-    OUT/ray/train/          Ray Train's storage: <stage>_step_<N>/ checkpoint folders
-    OUT/stages.json         each stage's final checkpoint
+    OUT/init/               the starting model (tiny: built by a task; 7b/13b: a copy of --init)
+    OUT/ray/<run>/          Ray Train's storage (unless --storage): <stage>_step_<N>/ checkpoints
+    OUT/stages.json         each stage's final checkpoint (local path or URI), over all jobs on OUT
     OUT/model/              the exported final model (`save_model` layout; what serving loads)
     OUT/eval.json           evaluation of the final model on the held-out splits
-    OUT/progress/           rank<N>.json: pid, stage and step of each worker (monitoring)
+    OUT/progress/           rank<N>.json: pid, stage and step of each worker (monitoring); with
+                            BUBOGPT_SAMPLE_LOG=1 also samples-rank<N>.jsonl: the row ids of every step
     OUT/run.json            MLflow tracking URI, job run id and stage run ids
     OUT/mlflow.db, mlartifacts/   the local tracking store when no tracking URI is given
-
-Rerunning the same command resumes from the furthest complete checkpoint in OUT/ray/train.
 """
 
 from __future__ import annotations
@@ -46,7 +60,15 @@ from typing import Any
 import torch
 
 from bubogpt.checkpoints.native import CONFIG_FILE
-from bubogpt.checkpoints.training_state import MODEL_DIR, is_complete, load_optimizer_state, read_model, read_state
+from bubogpt.checkpoints.training_state import (
+    MODEL_DIR,
+    STATE_FILE,
+    TrainState,
+    load_optimizer_state,
+    read_model,
+    read_state,
+    read_stream_positions,
+)
 from bubogpt.training import (
     Callbacks,
     Resume,
@@ -61,13 +83,15 @@ from bubogpt.training import (
     with_job_overrides,
 )
 from workflows.data.prepared import DATASETS, read_manifest, shard_paths
-from workflows.model_dirs import build_initial_model, export_model, precomputed_tokens_match
+from workflows.model_dirs import build_initial_model, check_initial_model, export_model, precomputed_tokens_match
 from workflows.options import TrainOptions
+from workflows.run_storage import RunStorage, local_folder
 
-JOB_NAME = "train"  # Ray Train run name under OUT/ray
+RUN_PREFIX = "train"  # Ray Train run names: train-<stage>[-<stage>...]
 STAGES_FILE = "stages.json"
 RUN_FILE = "run.json"  # the MLflow run ids of the job and of its stages
-PROGRESS_DIR = "progress"  # per-rank progress files (step, pid): for monitoring and the fault test
+PROGRESS_DIR = "progress"  # per-rank progress files (step, pid): for monitoring and the fault tests
+SAMPLE_LOG_ENV = "BUBOGPT_SAMPLE_LOG"  # "1": record the row ids of every step in OUT/progress
 TEXT_COLUMNS = ["dataset", "split", "id", "instruction", "answer", "meta"]
 
 
@@ -80,6 +104,12 @@ def log(message: str) -> None:
     # prints it a second time.
     sys.stdout.write(f"[bubogpt train] {message}\n")
     sys.stdout.flush()
+
+
+def job_name(configs: list[TrainConfig]) -> str:
+    """The Ray Train run of a job: the same for every rerun of the job on the same storage, and
+    different for jobs of different stages, so a stage-2 job never restores a stage-1 job's run."""
+    return "-".join([RUN_PREFIX, *(c.stage for c in configs)])
 
 
 # ==================================================================================================
@@ -96,34 +126,53 @@ def _write_progress(out_dir: str, rank: int, stage: str, step: int, resumed_from
     os.replace(tmp, folder / f"rank{rank}.json")
 
 
-def _further(stored: Path, registered, stages: list[TrainConfig]) -> bool:
-    """Is the stored checkpoint further along (stage order, then step) than the registered one?"""
-    order = [c.stage for c in stages]
-    with registered.as_directory() as directory:
-        theirs = read_state(directory)
-    ours = read_state(stored)
-    return (order.index(ours.stage), ours.step) > (order.index(theirs.stage), theirs.step)
+def _sample_logger(out_dir: str, rank: int):
+    """A `batch_taken` callback appending {stage, step, dataset, ids, pid} lines to
+    OUT/progress/samples-rank<N>.jsonl (a step a restart redoes appears again, later)."""
+    path = Path(out_dir) / PROGRESS_DIR / f"samples-rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(stage: str, step: int, dataset: str, ids: list[str]) -> None:
+        with open(path, "a") as file:
+            file.write(json.dumps({"stage": stage, "step": step, "dataset": dataset, "ids": ids, "pid": os.getpid()}) + "\n")
+
+    return record
 
 
-def _load_checkpoint(loop_config: dict[str, Any], stages: list[TrainConfig]):
-    """(model, Resume or None): the job's latest checkpoint, else the starting model.
+def _registered_state(checkpoint) -> TrainState:
+    """The state of a checkpoint Ray Train registered, read through its filesystem (no download)."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as stream:
+        return TrainState.from_json(stream.read().decode("utf-8"))
 
-    `get_checkpoint()` is the last checkpoint the controller registered; a report it had not yet
-    collected when a worker died is lost to it, though its folder is complete in storage: take
-    whichever is further along."""
+
+def _load_checkpoint(loop_config: dict[str, Any], stages: list[TrainConfig], worker: Worker):
+    """(model, Resume or None): the run's latest checkpoint, else the job's starting model.
+
+    `get_checkpoint()` is the latest checkpoint Ray Train registered for this run (within this
+    `fit()`, or restored from the run's snapshot in storage when the job runs again). A report the
+    controller had not yet collected when a worker or the driver died is lost to it, though its
+    folder is complete in storage: take whichever is further along."""
     import ray.train
 
     from workflows.deepspeed_stepper import engine_checkpoint_copy
 
+    storage = RunStorage(loop_config["storage"])
+    order = [c.stage for c in stages]
     checkpoint = ray.train.get_checkpoint()
-    stored = latest_job_checkpoint(Path(loop_config["storage"]), stages)
-    if stored is not None and (checkpoint is None or _further(stored, checkpoint, stages)):
-        checkpoint = ray.train.Checkpoint.from_directory(str(stored))
+    stored = latest_job_checkpoint(storage, loop_config["run"], stages)
+    if stored is not None:
+        ours = storage.read_state(stored)
+        theirs = _registered_state(checkpoint) if checkpoint is not None else None
+        if theirs is None or (order.index(ours.stage), ours.step) > (order.index(theirs.stage), theirs.step):
+            checkpoint = ray.train.Checkpoint(stored, filesystem=storage.filesystem)
     if checkpoint is None:
-        return read_model(loop_config["init_dir"]), None
+        with local_folder(loop_config["start"]) as folder:
+            return read_model(folder), None
     with checkpoint.as_directory() as directory:
-        resume = Resume(read_state(directory), load_optimizer_state(directory), engine_checkpoint_copy(Path(directory)))
-        return read_model(Path(directory) / MODEL_DIR), resume
+        directory = Path(directory)
+        resume = Resume(read_state(directory), load_optimizer_state(directory), engine_checkpoint_copy(directory),
+                        read_stream_positions(directory, worker.rank, worker.world))  # fmt: skip
+        return read_model(directory / MODEL_DIR), resume
 
 
 def _stepper_factory(loop_config: dict[str, Any], worker: Worker):
@@ -154,7 +203,7 @@ def _streams_factory(loop_config: dict[str, Any], rank: int):
     from workflows.streams import InMemoryData, ShardStream
 
     manifest = loop_config["manifest"]
-    if loop_config.get("data_mode", "memory") == "memory":
+    if loop_config["data_mode"] == "memory":
         data = InMemoryData(ray.train.get_dataset_shard("train"), manifest)
         if rank == 0:
             log("loaded the training rows: " + ", ".join(f"{k} {t.num_rows}" for k, t in sorted(data.tables.items())))
@@ -201,7 +250,18 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
         tracker = MlflowTracker.attach(loop_config["tracking"]["uri"], loop_config["tracking"]["run_id"])
 
-    model, resume = _load_checkpoint(loop_config, stages)
+    # The node's CPU, memory, disk, network (and GPU) while it trains, into the job run.
+    monitor = tracker.system_metrics() if tracker else None
+    try:
+        _train_on_worker(loop_config, stages, worker, tracker, stage_runs)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _train_on_worker(loop_config: dict[str, Any], stages: list[TrainConfig], worker: Worker, tracker,
+                     stage_runs: dict[str, str]) -> None:  # fmt: skip
+    model, resume = _load_checkpoint(loop_config, stages, worker)
     if resume is not None and worker.rank == 0:
         log(f"resuming from the checkpoint of {resume.state.stage} at step {resume.state.step}")
     callbacks = Callbacks(
@@ -209,6 +269,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         log=log,
         metrics=(lambda stage, rows: tracker.log_step_metrics(rows, stage_runs[stage])) if tracker else None,
         step_started=lambda stage, step, first: _write_progress(loop_config["out_dir"], worker.rank, stage, step, first),
+        batch_taken=_sample_logger(loop_config["out_dir"], worker.rank) if loop_config.get("sample_log") else None,
     )
     train(model, stages, _streams_factory(loop_config, worker.rank), _stepper_factory(loop_config, worker), callbacks,
           worker, resume, use_precomputed_tokens=loop_config.get("precomputed_tokens_match", False))  # fmt: skip
@@ -219,9 +280,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
 # ==================================================================================================
 
 
-def _training_datasets(data_dir: Path, configs: list[TrainConfig], data_mode: str) -> dict[str, Any]:
+def _training_datasets(data_dir: Path, configs: list[TrainConfig], data_mode: str, seed: int) -> dict[str, Any]:
     """memory: one dataset "train" with every training row the stages use (each worker reads all of
-    it); stream: one dataset per corpus set, split across the workers."""
+    it); stream: one dataset per corpus set, split across the workers, its blocks in a seeded order
+    (the same in every run, so that a resumed stream finds its rows where it left them)."""
     import ray.data
 
     names = sorted({name for config in configs for name in config.datasets})
@@ -237,55 +299,58 @@ def _training_datasets(data_dir: Path, configs: list[TrainConfig], data_mode: st
     columns = TEXT_COLUMNS if media_free else None
     if data_mode == "memory":
         return {"train": ray.data.read_parquet([p for name in names for p in paths[name]], columns=columns)}
-    return {name: ray.data.read_parquet(paths[name], columns=columns).randomize_block_order() for name in names}
+    return {name: ray.data.read_parquet(paths[name], columns=columns).randomize_block_order(seed=seed) for name in names}
 
 
-def stage_checkpoints(storage: Path) -> dict[str, list[tuple[int, Path]]]:
-    """Complete checkpoints under the job's Ray storage folder: {stage: [(step, folder)] by step}."""
-    found: dict[str, list[tuple[int, Path]]] = {}
-    if not storage.is_dir():
-        return found
-    for folder in storage.iterdir():
-        if folder.is_dir() and not folder.name.startswith(".") and is_complete(folder):
-            state = read_state(folder)
-            found.setdefault(state.stage, []).append((state.step, folder))
-    return {stage: sorted(items) for stage, items in found.items()}
+def _data_config(data_mode: str):
+    """memory: every worker reads every row (and samples its own batches); stream: the datasets are
+    split across the workers, in order (`preserve_order`: positions mean the same rows on a rerun)."""
+    import ray.train
+
+    if data_mode == "memory":
+        return ray.train.DataConfig(datasets_to_split=[])
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split="all", execution_options=options)
 
 
-def latest_job_checkpoint(storage: Path, configs: list[TrainConfig]) -> Path | None:
-    """The furthest complete checkpoint of this job's stages (stage order first, then step)."""
-    found = stage_checkpoints(storage)
+def latest_job_checkpoint(storage: RunStorage, run: str, configs: list[TrainConfig]) -> str | None:
+    """The furthest complete checkpoint of a run of these stages (stage order first, then step)."""
+    found = storage.checkpoints(run)
     for config in reversed(configs):
         if found.get(config.stage):
             return found[config.stage][-1][1]
     return None
 
 
-def run_job(configs: list[TrainConfig], data_dir: Path, out_dir: Path, init_dir: Path, manifest: dict,
-            options: TrainOptions, tracking: dict[str, Any] | None) -> dict[str, Path]:  # fmt: skip
+def run_job(configs: list[TrainConfig], data_dir: Path, out_dir: Path, start: str, manifest: dict,
+            options: TrainOptions, storage: RunStorage, data_mode: str, tokens_match: bool,
+            tracking: dict[str, Any] | None) -> dict[str, str]:  # fmt: skip
     """Every stage in one `TorchTrainer.fit()` (one worker group start); returns each stage's final
-    checkpoint. Resumes from the furthest checkpoint already in OUT/ray when rerun."""
+    checkpoint (paths in the storage). A rerun restores the run from its snapshot in storage."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = out_dir / "ray"
-    previous = latest_job_checkpoint(storage / JOB_NAME, configs)
+    run = job_name(configs)
+    previous = latest_job_checkpoint(storage, run, configs)
     if previous is not None:
-        state = read_state(previous)
-        log(f"found a checkpoint of {state.stage} at step {state.step} in {previous}: resuming from it")
+        state = storage.read_state(previous)
+        log(f"run {run} has a checkpoint of {state.stage} at step {state.step} in {storage.uri(previous)}: continuing from it")
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
             "stages": [c.to_dict() for c in configs],
-            "init_dir": str(init_dir),
+            "start": start,
             "manifest": manifest,
             "out_dir": str(out_dir),
-            "storage": str(storage / JOB_NAME),
+            "storage": storage.location,
+            "run": run,
             "deepspeed": options.deepspeed,
             "tracking": tracking,
-            "data_mode": options.data_mode,
+            "data_mode": data_mode,
             "threads_per_worker": max(1, int(options.cpus_per_worker)),
-            "precomputed_tokens_match": precomputed_tokens_match(manifest, init_dir),
+            "precomputed_tokens_match": tokens_match,
+            "sample_log": os.environ.get(SAMPLE_LOG_ENV) == "1",
         },
         torch_config=TorchConfig(backend="nccl" if options.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -293,47 +358,78 @@ def run_job(configs: list[TrainConfig], data_dir: Path, out_dir: Path, init_dir:
             resources_per_worker={"CPU": options.cpus_per_worker},
         ),  # fmt: skip
         run_config=ray.train.RunConfig(
-            name=JOB_NAME,
-            storage_path=str(storage),
+            name=run,
+            storage_path=storage.root,
+            storage_filesystem=storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # stage ends are kept
         ),
-        datasets=_training_datasets(data_dir, configs, options.data_mode),
-        # memory mode: every worker reads every row (and samples its own batches)
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if options.data_mode == "memory" else "all"),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(previous)) if previous else None,
+        datasets=_training_datasets(data_dir, configs, data_mode, configs[0].seed),
+        dataset_config=_data_config(data_mode),
     )
     log(f"stages {[c.stage for c in configs]} on {options.num_workers} worker(s)"
-        + (f", DeepSpeed {options.deepspeed}" if options.deepspeed else ", DDP"))  # fmt: skip
+        + (f", DeepSpeed {options.deepspeed}" if options.deepspeed else ", DDP")
+        + f", run {run} in {storage.location}")  # fmt: skip
     trainer.fit()  # raises ray.train.TrainingFailedError when the failures exceed max_failures
-    found = stage_checkpoints(storage / JOB_NAME)
+    found = storage.checkpoints(run)
     finals = {}
     for config in configs:
-        ends = [folder for step, folder in found.get(config.stage, []) if step == config.max_steps]
+        ends = [path for step, path in found.get(config.stage, []) if step == config.max_steps]
         if not ends:
-            raise TrainJobError(f"{config.stage}: no checkpoint at its last step {config.max_steps} in {storage}")
+            raise TrainJobError(f"{config.stage}: no checkpoint at its last step {config.max_steps} in {storage.uri(storage.path(run))}")
         finals[config.stage] = ends[-1]
     return finals
 
 
-def _stage_init(options: TrainOptions, configs: list[TrainConfig], overrides: dict, init_dir: Path) -> Path:
-    """A job that starts at a later stage (e.g. --stage stage2) starts from --init, else from the
-    previous stage's final checkpoint in the same OUT when there is one."""
-    if options.init is not None or options.stage == "all":
-        return init_dir
-    order = [c.stage for c in resolve_stages(options.preset, "all", overrides)]
-    before = order[: order.index(configs[0].stage)]
-    if before:
-        found = stage_checkpoints(Path(options.out).resolve() / "ray" / JOB_NAME).get(before[-1], [])
-        if found:
-            return found[-1][1] / MODEL_DIR
-    return init_dir
+def recorded_stages(out_dir: Path) -> dict[str, str]:
+    """OUT/stages.json: {stage: its final checkpoint (local path or URI)}, over every job on OUT."""
+    path = out_dir / STAGES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def log_stage_artifacts(tracker, config: TrainConfig, checkpoint: Path, run_id: str) -> None:
+def _record_stages(out_dir: Path, finals: dict[str, str]) -> None:
+    merged = {**recorded_stages(out_dir), **finals}
+    tmp = out_dir / f".{STAGES_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(merged, indent=2))
+    os.replace(tmp, out_dir / STAGES_FILE)
+
+
+def _job_start(options: TrainOptions, configs: list[TrainConfig], overrides: dict, out_dir: Path,
+               init_dir: Path) -> tuple[str, list[TrainConfig]]:  # fmt: skip
+    """(the location of the job's starting model folder, the recipe's stages before the job's).
+
+    A job that starts at a later stage (e.g. --stage stage2, after a --stage stage1 job on this OUT)
+    starts from the final checkpoint of the stage before it, as OUT/stages.json records it; with
+    --init, or when no earlier job recorded that stage, from OUT/init."""
+    recipe = resolve_stages(options.preset, "all", overrides)
+    order = [c.stage for c in recipe]
+    before = recipe[: order.index(configs[0].stage)]
+    if options.init is not None or not before:
+        return str(init_dir), []
+    recorded = recorded_stages(out_dir).get(before[-1].stage)
+    if recorded is None:
+        log(f"no final checkpoint of {before[-1].stage} recorded in {out_dir / STAGES_FILE}: starting from {init_dir}")
+        return str(init_dir), []
+    storage = RunStorage(recorded)
+    state = storage.complete_state(storage.root)
+    if state is None:
+        raise TrainJobError(f"{out_dir / STAGES_FILE} names {recorded} as {before[-1].stage}'s end, which is not a complete checkpoint")
+    log(f"starting from {before[-1].stage}'s final checkpoint {recorded} (step {state.step})")
+    return f"{recorded}/{MODEL_DIR}", before
+
+
+def on_worker(options: TrainOptions, function, *args: Any, **kwargs: Any):
+    """`function(*args, **kwargs)` as a Ray task with a training worker's resources (a GPU with
+    --use-gpu): whatever loads a model runs there, never on the driver. Returns the ObjectRef."""
+    import ray
+
+    resources = {"num_cpus": options.cpus_per_worker, "num_gpus": 1 if options.use_gpu else 0}
+    return ray.remote(function).options(name=f"bubogpt-{function.__name__}", max_retries=0, **resources).remote(*args, **kwargs)
+
+
+def log_stage_artifacts(tracker, config: TrainConfig, state: TrainState, run_id: str) -> None:
     from workflows.tracking import loss_curve_png
 
-    state = read_state(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         png = loss_curve_png(state.loss_history, Path(tmp) / f"loss_{config.stage}.png", f"{config.stage}: training loss")
         tracker.log_artifact(png, None, run_id)
@@ -346,9 +442,9 @@ def log_stage_artifacts(tracker, config: TrainConfig, checkpoint: Path, run_id: 
 def run_training(options: TrainOptions) -> int:
     import ray
 
-    from workflows.evaluate import sample_generations
+    from workflows.evaluate import evaluate_model, log_evaluation, sample_generations
     from workflows.ray_connect import connect
-    from workflows.tracking import MlflowTracker, resolve_tracking_uri
+    from workflows.tracking import NEWEST_ALIAS, MlflowTracker, job_tags, resolve_tracking_uri
 
     if options.data is None:
         raise TrainJobError("--data is required (a prepared corpus) for every stage but grounding")
@@ -356,17 +452,31 @@ def run_training(options: TrainOptions) -> int:
     manifest = read_manifest(data_dir)  # PreparedDataError when it is not a prepared corpus
     overrides = load_overrides(options.config) if options.config else {}
     configs = with_job_overrides(resolve_stages(options.preset, options.stage, overrides), options.max_steps, options.batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    data_mode = options.data_mode or ("memory" if options.preset == "tiny" else "stream")
     init = Path(options.init).resolve() if options.init else None
-    init_dir = _stage_init(options, configs, overrides, build_initial_model(options.preset, out_dir, init, options.seed))
+    check_initial_model(options.preset, out_dir, init)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = RunStorage(options.storage or out_dir / "ray")
     connect(options.address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
+    device = "cuda" if options.use_gpu else "cpu"
+
+    init_dir = Path(ray.get(on_worker(options, build_initial_model, options.preset, out_dir, init, options.seed)))
+    start, before = _job_start(options, configs, overrides, out_dir, init_dir)
+    # Precomputed encoder tokens are usable when they came from the starting model's encoders, which
+    # the earlier stages (a previous job's) left as they were.
+    tokens_match = precomputed_tokens_match(manifest, init_dir) and not any(
+        c.train_vision_encoder or c.train_audio_encoder for c in before
+    )
 
     uri, artifact_location = resolve_tracking_uri(options.tracking_uri, out_dir)
     job_params = {"preset": options.preset, "stage": options.stage, "data": str(data_dir),
                   "num_workers": options.num_workers, "deepspeed": options.deepspeed or "none",
-                  "stages": ",".join(c.stage for c in configs), "data_mode": options.data_mode}  # fmt: skip
-    tracker = MlflowTracker.start_job(uri, f"{options.preset}-{options.stage}", job_params, artifact_location)
+                  "stages": ",".join(c.stage for c in configs), "data_mode": data_mode,
+                  "storage": storage.location}  # fmt: skip
+    tracker = MlflowTracker.start_job(uri, f"{options.preset}-{options.stage}", job_params, artifact_location,
+                                      tags=job_tags(options.preset, ray.get_runtime_context().get_job_id()))  # fmt: skip
+    tracker.log_input(manifest, str(data_dir))
     log(f"MLflow run {tracker.run_id} at {uri}")
     status, stage_runs = "FAILED", {}
     try:
@@ -374,27 +484,37 @@ def run_training(options: TrainOptions) -> int:
         stage_runs = {c.stage: tracker.start_stage(c.stage, flatten(c.to_dict())) for c in configs}
         (out_dir / RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": tracker.run_id, "stage_runs": stage_runs}, indent=2))
         started = time.time()
-        finals = run_job(configs, data_dir, out_dir, init_dir, manifest, options,
+        finals = run_job(configs, data_dir, out_dir, start, manifest, options, storage, data_mode, tokens_match,
                          {"uri": uri, "run_id": tracker.run_id, "stage_runs": stage_runs})  # fmt: skip
         minutes = (time.time() - started) / 60
         log(f"training finished in {minutes:.1f} min (all stages, Ray start-up included)")
+        _record_stages(out_dir, {stage: storage.uri(path) for stage, path in finals.items()})
         tracker.log_metrics({"train_minutes": minutes}, 0)
+        samples = {
+            config.stage: on_worker(options, sample_generations, f"{storage.uri(finals[config.stage])}/{MODEL_DIR}",
+                                    data_dir, config, device=device)
+            for config in configs if options.samples
+        }  # fmt: skip
         for config in configs:
-            log_stage_artifacts(tracker, config, finals[config.stage], stage_runs[config.stage])
-            if options.samples:
-                samples = sample_generations(finals[config.stage] / MODEL_DIR, data_dir, config)
-                tracker.log_text(json.dumps(samples, indent=2), "sample_generations.json", stage_runs[config.stage])
+            log_stage_artifacts(tracker, config, storage.read_state(finals[config.stage]), stage_runs[config.stage])
+            if config.stage in samples:
+                tracker.log_text(json.dumps(ray.get(samples[config.stage]), indent=2), "sample_generations.json",
+                                 stage_runs[config.stage])  # fmt: skip
             tracker.end_run(stage_runs[config.stage])
-        (out_dir / STAGES_FILE).write_text(json.dumps({k: str(v) for k, v in finals.items()}, indent=2))
-        model_dir = export_model(finals[configs[-1].stage], out_dir)
+        model_dir = Path(ray.get(on_worker(options, export_model, storage.uri(finals[configs[-1].stage]), out_dir)))
         log(f"exported the final model to {model_dir}")
+        name = f"bubogpt-{options.preset}"
+        version = tracker.register_model(model_dir, name)
+        log(f"registered model {name} version {version} (alias {NEWEST_ALIAS})")
         if options.eval:
-            from workflows.evaluate import evaluate_model, log_evaluation
-
-            report = evaluate_model(model_dir, data_dir, limit=options.eval_limit)
-            log_evaluation(report, tracker, out_dir / "eval.json", model_dir=model_dir)
-        version = tracker.register_model(model_dir, f"bubogpt-{options.preset}")
-        log(f"registered model bubogpt-{options.preset} version {version}")
+            report = ray.get(on_worker(options, evaluate_model, model_dir, data_dir, limit=options.eval_limit, device=device))
+            # A run of its own, linked to the training run (nested in it) and to the model version.
+            eval_run = tracker.start_stage("eval", {"model": f"models:/{name}/{version}"},
+                                           tags={"training_run_id": tracker.run_id, "model_version": f"{name}/{version}"})  # fmt: skip
+            evaluation = log_evaluation(report, tracker, out_dir / "eval.json", run_id=eval_run, model_dir=model_dir)
+            tracker.end_run(eval_run)
+            tracker.log_metrics({f"eval_{k}": v for k, v in evaluation["metrics"].items()}, 0)  # beside the job's own
+            tracker.tag_model_version(name, version, {"eval_run_id": eval_run})
         status = "FINISHED"
     finally:
         if status != "FINISHED":

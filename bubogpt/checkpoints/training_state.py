@@ -4,6 +4,9 @@
                               (+ llm_lora/ with the peft adapter when LoRA is on)
     CKPT/optimizer.pt         optimiser state (rank 0; read back with `weights_only=True`)
     CKPT/train_state.json     {"stage", "step", "train_config", "loss_history"}
+    CKPT/streams/rank<N>.json where each data-parallel rank's batch streams stand (every rank writes
+                              its own: {"world", "streams": {dataset: stream state}}), so that a
+                              resumed run reads the rows an uninterrupted one would have read
 
 Unlike the reference, which kept only the trainable parameters (so its stage-2 file lacked the audio
 Q-Former), a checkpoint holds every weight of the encoders and the joiner, and the LLM whenever it is
@@ -32,6 +35,7 @@ MODEL_DIR = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
 LORA_DIR = "llm_lora"
+STREAMS_DIR = "streams"
 
 
 class CheckpointError(ValueError):
@@ -123,10 +127,36 @@ def save_checkpoint(
         write_model(model, staging / MODEL_DIR, include_llm=include_llm)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
-        for name, data in (extra or {}).items():
-            (staging / name).write_bytes(data)
+        write_extra(staging, extra or {})
         write_state(staging, state)
     return Path(directory)
+
+
+def write_extra(directory: Path, extra: dict[str, bytes]) -> None:
+    """{relative file name: bytes} into `directory`."""
+    for name, data in extra.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+
+
+def stream_positions_file(rank: int) -> str:
+    """Where rank `rank` keeps its streams' positions in a checkpoint folder."""
+    return f"{STREAMS_DIR}/rank{rank}.json"
+
+
+def stream_positions(rank: int, world: int, states: dict[str, dict[str, Any]]) -> dict[str, bytes]:
+    """A rank's stream states as the `extra` files of its part of a checkpoint."""
+    return {stream_positions_file(rank): json.dumps({"world": world, "streams": states}).encode()}
+
+
+def read_stream_positions(directory: str | Path, rank: int, world: int) -> dict[str, dict[str, Any]] | None:
+    """{dataset: stream state} that rank `rank` saved in a checkpoint, or None when it saved none or
+    the checkpoint was written by a different number of ranks (its positions then mean nothing here)."""
+    path = Path(directory) / stream_positions_file(rank)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["streams"] if saved.get("world") == world else None
 
 
 def write_state(directory: Path, state: TrainState) -> None:
@@ -143,13 +173,14 @@ def is_complete(directory: str | Path) -> bool:
         state = TrainState.from_json((directory / STATE_FILE).read_text())
     except (OSError, ValueError, KeyError):
         return False
-    if not (directory / MODEL_DIR / WEIGHTS_FILE).is_file():
-        return False
-    for name, size in state.files.items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
+    return listing_is_complete(state, list_files(directory))
+
+
+def listing_is_complete(state: TrainState, files: dict[str, int]) -> bool:
+    """Does a checkpoint folder holding `files` ({relative path: size}, wherever it is stored) have
+    the model's weights and every file its state lists, at its recorded size?"""
+    weights = f"{MODEL_DIR}/{WEIGHTS_FILE}"
+    return weights in files and all(files.get(name) == size for name, size in state.files.items())
 
 
 def read_state(directory: str | Path) -> TrainState:

@@ -38,6 +38,15 @@ PROMPT_STYLES = ("text", "caption", "instruction")
 # subsets (BBC 31, AudioSet-SL 108, SoundBible 2, FreeSound 262) are one `wavcaps` dataset here.
 STAGE1_RATIOS = {"wavcaps": 1.0}
 STAGE2_RATIOS = {"cc_sbu_align": 3.0, "llava_instruct": 150.0, "clotho": 4.0, "vggss": 5.0, "negative_pairs": 3.0}
+# The 13B stage 2 (mmgpt4_stage2_mm_13b.yaml:33-82): the 31k VGGSS set at ratio 31, no negative pairs.
+STAGE2_RATIOS_13B = {"cc_sbu_align": 3.0, "llava_instruct": 150.0, "clotho": 4.0, "vggss": 31.0}
+
+# Learning-rate schedules (bubogpt/training/optim.py, `learning_rate`):
+#   lavis               LAVIS's LinearWarmupCosineLRScheduler, as the released weights were trained:
+#                       warm-up, then a cosine whose progress counts every step from 0 (so the peak
+#                       is never reached: 1e-4 -> 9.707e-5 at step 5000 of stage 1's 20000)
+#   warmup_then_cosine  the cosine starts at the peak when the warm-up ends (the tiny recipe's)
+SCHEDULES = ("lavis", "warmup_then_cosine")
 
 
 class TrainConfigError(ValueError):
@@ -72,6 +81,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_accum_steps: int = 1
     grad_clip: float | None = None  # max gradient norm; the reference does not clip
+    schedule: str = "warmup_then_cosine"  # one of SCHEDULES
     precision: str = "fp16"  # autocast dtype on GPU: fp16 | bf16 | fp32; CPU always runs fp32
     train_qformers: bool = False  # stage2 option: unfreeze both Q-Formers
     lora: LoraSettings | None = None  # LoRA on the LLM (stage2 option)
@@ -98,6 +108,8 @@ class TrainConfig:
             raise TrainConfigError(f"unknown stage {self.stage!r}; expected one of {STAGE_ORDER}")
         if self.prompt_style not in PROMPT_STYLES:
             raise TrainConfigError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in ("fp16", "bf16", "fp32"):
             raise TrainConfigError(f"precision must be fp16, bf16 or fp32, got {self.precision!r}")
         if not self.datasets or any(r <= 0 for r in self.datasets.values()):
@@ -139,18 +151,29 @@ class TrainConfig:
 
 
 def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
-    """The released recipe (7b/13b): 4 x 5000 iterations of stage 1, 10 x 5000 of stage 2."""
-    stage2_txt_len = 196 if preset == "7b" else 160
+    """The released recipe (7b/13b): 4 x 5000 iterations of stage 1, 10 x 5000 of stage 2, LAVIS's
+    schedule (train_configs/mmgpt4_stage1_audio*.yaml, mmgpt4_stage2_mm*.yaml).
+
+    13B differs from 7B in batch sizes (stage 1: 32, stage 2: 10), stage 2's max_txt_len (160) and
+    stage 2's data (the 31k VGGSS set at ratio 31, no negative pairs); learning rates are the same.
+
+    Precision bf16 (the original: fp16 autocast over an fp16 Vicuna): the frozen LLM and encoders
+    load in bf16 here (`BuboGPTConfig.frozen_dtype`), and bf16 autocast computes in their own dtype
+    instead of casting each bf16 weight to fp16, needs no loss scaling, and cannot overflow fp16's
+    range. On GPUs without bf16, set `precision: fp16` and `frozen_dtype: float16`.
+    """
+    thirteen = preset == "13b"
     return {
         "stage1": TrainConfig(
-            stage="stage1", datasets=dict(STAGE1_RATIOS), prompt_style="caption", batch_size=64,
+            stage="stage1", datasets=dict(STAGE1_RATIOS), prompt_style="caption", batch_size=32 if thirteen else 64,
             lr=1e-4, min_lr=8e-5, warmup_start_lr=1e-6, warmup_steps=5000, max_steps=4 * 5000,
-            max_txt_len=128, log_every=50, checkpoint_every=5000,
+            max_txt_len=128, schedule="lavis", precision="bf16", log_every=50, checkpoint_every=5000,
         ),
         "stage2": TrainConfig(
-            stage="stage2", datasets=dict(STAGE2_RATIOS), prompt_style="instruction", batch_size=12,
-            lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=5000, max_steps=10 * 5000,
-            max_txt_len=stage2_txt_len, log_every=50, checkpoint_every=5000,
+            stage="stage2", datasets=dict(STAGE2_RATIOS_13B if thirteen else STAGE2_RATIOS), prompt_style="instruction",
+            batch_size=10 if thirteen else 12, lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=5000,
+            max_steps=10 * 5000, max_txt_len=160 if thirteen else 196, schedule="lavis", precision="bf16",
+            log_every=50, checkpoint_every=5000,
         ),
     }  # fmt: skip
 

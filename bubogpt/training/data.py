@@ -34,9 +34,15 @@ def mixes_modalities(config: TrainConfig) -> bool:
 
 
 class RowStream(Protocol):
-    """Endless batches of decoded rows of one dataset (e.g. `workflows/streams.py`)."""
+    """Endless batches of decoded rows of one dataset (e.g. `workflows/streams.py`). `state()` says
+    where the stream stands (JSON-able); `restore(state)` continues exactly there, so that a resumed
+    run reads the rows an uninterrupted one would have read."""
 
     def next_rows(self, decode: bool = True) -> list[dict[str, Any]]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any]) -> None: ...
 
 
 class RatioMixer:

@@ -30,6 +30,15 @@ def warmup_cosine(step: int, peak: float, floor: float, warmup_steps: int, total
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def lavis_warmup_cosine(step: int, peak: float, floor: float, warmup_steps: int, total_steps: int, start: float) -> float:
+    """LAVIS's `LinearWarmupCosineLRScheduler` (lavis/common/optims.py), stepped before every
+    iteration: linear from `start` (capped at `peak`) during the warm-up, then a cosine whose
+    progress is step / total_steps over all steps, warm-up included."""
+    if step < warmup_steps:
+        return min(peak, start + (peak - start) * step / max(warmup_steps, 1))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
 def decay_groups(parameters: Iterable[nn.Parameter], weight_decay: float, **options: Any) -> list[dict[str, Any]]:
     """The trainable `parameters` as two AdamW groups, in their order: >= 2-D weights decay, biases,
     norms and scalars do not. `options` (e.g. a group's own `lr`) go into both groups."""
@@ -58,8 +67,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up from `warmup_start_lr` to `lr` over `warmup_steps`, then cosine to `min_lr` at
-    `max_steps`. (LAVIS steps its cosine once per epoch; here it is smooth per step.)"""
+    """The lr of optimiser step `step` (0-based): linear warm-up from `warmup_start_lr` towards `lr`
+    over `warmup_steps`, then a cosine to `min_lr` at `max_steps`, the way `config.schedule` says
+    (bubogpt/training/config.py, SCHEDULES)."""
+    if config.schedule == "lavis":
+        return lavis_warmup_cosine(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps, config.warmup_start_lr)
     return warmup_cosine(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps, start=config.warmup_start_lr)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bubogpt.checkpoints.training_state import TrainState
+from bubogpt.checkpoints.training_state import TrainState, stream_positions
 from bubogpt.training.config import LoraSettings, TrainConfig, TrainConfigError
 from bubogpt.training.data import RatioMixer, RowStream, collate, count_target_tokens
 from bubogpt.training.optim import build_optimizer, build_scheduler
@@ -44,8 +44,12 @@ CheckpointFn = Callable[[str, Callable[[Path], None], dict[str, Any]], None]
 class Callbacks:
     checkpoint: CheckpointFn
     log: Callable[[str], None] = print  # progress lines (rank 0 only)
-    metrics: Callable[[str, list[tuple[int, dict[str, float]]]], None] | None = None  # (stage, [(step, metrics)]), rank 0
+    # (stage, [(step, metrics, time measured)]), rank 0, every `log_every` steps
+    metrics: Callable[[str, list[tuple[int, dict[str, float], float]]], None] | None = None
     step_started: Callable[[str, int, int], None] | None = None  # (stage, step, first step of this run), every rank
+    # (stage, step, dataset, row ids) of every batch a step trains on (step counted from 1, as in the
+    # loss history), every rank: for checking which rows a run read
+    batch_taken: Callable[[str, int, str, list[str]], None] | None = None
 
 
 @dataclass
@@ -156,33 +160,46 @@ def train_stage(
     stepper = make_stepper(model, optimizer, scheduler, config)
     if resume is not None:
         stepper.restore(resume)
+        if resume.streams is not None:  # where each stream stood at the checkpoint
+            for name, position in resume.streams.items():
+                streams[name].restore(position)
     autocast = autocast_for(worker.device, config.precision)
     mixer = RatioMixer(config.datasets, config.seed)
     use_tokens = config.use_precomputed_tokens and use_precomputed_tokens
     text_only = config.prompt_style == "text"
+    # Caption-style targets (stage 1) end with the model's stage-1 end symbol ("\n" for 7b/13b:
+    # mm_gpt4.py:68, :275), instruction answers with its chat end symbol ("###").
+    end_sym = {"end_sym": model.config.stage1_end_sym} if config.prompt_style == "caption" else {}
 
     def checkpoint(step: int, metrics: dict[str, Any]) -> None:
         state = TrainState(config.stage, step, config.to_dict(), loss_history)
-        write = lambda directory: stepper.save(directory, model, state, keeps_llm(model, config))  # noqa: E731
+        positions = stream_positions(rank, world, {name: stream.state() for name, stream in streams.items()})
+        write = lambda directory: stepper.save(directory, model, state, keeps_llm(model, config), positions)  # noqa: E731
         callbacks.checkpoint(f"{config.stage}_step_{step:06d}", write, metrics)
 
     # 4. the step loop
     stepper.model.train()
     started = window_start = time.time()
-    rng = np.random.default_rng([config.seed, rank, start_step])
-    pending: list[tuple[int, dict[str, float]]] = []
+    pending: list[tuple[int, dict[str, float], float]] = []
     if rank == 0:
-        callbacks.log(f"{config.stage}: steps {start_step}..{config.max_steps}, datasets {config.datasets}")
+        resumed = " (streams where the checkpoint left them)" if resume is not None and resume.streams is not None else ""
+        callbacks.log(f"{config.stage}: steps {start_step}..{config.max_steps}, datasets {config.datasets}{resumed}")
     for step in range(start_step, config.max_steps):
         if callbacks.step_started:
             callbacks.step_started(config.stage, step, start_step)
+        # Randomness (the instructions drawn, dropout) depends on the step only: a resumed run draws
+        # what an uninterrupted one would.
+        rng = np.random.default_rng([config.seed, rank, step])
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, rank, step]).generate_state(1)[0]))
         step_loss, samples, tokens = 0.0, 0, 0
         for micro in range(config.grad_accum_steps):
             dataset = mixer.choose(step, micro)
             rows = streams[dataset].next_rows(decode=not text_only)
+            if callbacks.batch_taken:
+                callbacks.batch_taken(config.stage, step + 1, dataset, [str(row.get("id")) for row in rows])
             batch = collate(rows, config.prompt_style, rng, use_tokens).to(worker.device)
             with stepper.micro_batch(last=micro == config.grad_accum_steps - 1), autocast():
-                output = stepper.model(**batch.model_inputs())
+                output = stepper.model(**batch.model_inputs(), **end_sym)
             stepper.backward(output.loss)
             step_loss += output.loss.item() / config.grad_accum_steps
             samples += len(batch)
@@ -193,7 +210,8 @@ def train_stage(
         elapsed = max(time.time() - window_start, 1e-6)
         window_start = time.time()
         pending.append((done, {"loss": step_loss, "lr": lr, "samples_per_s": samples * world / elapsed,
-                               "tokens_per_s": tokens * world / elapsed, f"loss_{dataset}": step_loss}))  # fmt: skip
+                               "tokens_per_s": tokens * world / elapsed, f"loss_{dataset}": step_loss},
+                        time.time()))  # fmt: skip
         is_last = done == config.max_steps
         if done % config.log_every == 0 or is_last:
             if rank == 0:

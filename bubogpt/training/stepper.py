@@ -22,17 +22,20 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from bubogpt.checkpoints.training_state import TrainState, save_checkpoint
+from bubogpt.atomic import atomic_directory
+from bubogpt.checkpoints.training_state import TrainState, save_checkpoint, write_extra
 
 
 @dataclass
 class Resume:
-    """Where a stage continues from: the checkpoint's state, and the optimiser's (a state dict) or
-    the engine's own checkpoint folder (DeepSpeed partitions)."""
+    """Where a stage continues from: the checkpoint's state, the optimiser's (a state dict) or the
+    engine's own checkpoint folder (DeepSpeed partitions), and this rank's streams' positions
+    ({dataset: state}, `read_stream_positions`; None: the streams start afresh)."""
 
     state: TrainState
     optimizer: dict[str, Any] | None = None
     engine_dir: Path | None = None
+    streams: dict[str, dict[str, Any]] | None = None
 
 
 class Stepper(Protocol):
@@ -51,8 +54,9 @@ class Stepper(Protocol):
     def restore(self, resume: Resume) -> None:
         """Continue the optimiser and schedule from a checkpoint."""
 
-    def save(self, directory: Path, model: nn.Module, state: TrainState, include_llm: bool) -> None:
-        """Write this rank's part of a checkpoint folder (atomically; nothing on ranks with no part)."""
+    def save(self, directory: Path, model: nn.Module, state: TrainState, include_llm: bool, extra: dict[str, bytes]) -> None:
+        """Write this rank's part of a checkpoint folder atomically: what the stepper keeps, plus
+        `extra` ({relative name: bytes}, e.g. the rank's stream positions)."""
 
 
 class TorchStepper:
@@ -96,6 +100,9 @@ class TorchStepper:
         for _ in range(resume.state.step):
             self.scheduler.step()  # LambdaLR: continue where the checkpoint left off
 
-    def save(self, directory: Path, model: nn.Module, state: TrainState, include_llm: bool) -> None:
+    def save(self, directory: Path, model: nn.Module, state: TrainState, include_llm: bool, extra: dict[str, bytes]) -> None:
         if self.rank == 0:  # DDP keeps every rank's copy the same: one writes it
-            save_checkpoint(directory, model, state, self.optimizer, include_llm=include_llm)
+            save_checkpoint(directory, model, state, self.optimizer, include_llm=include_llm, extra=extra)
+        else:
+            with atomic_directory(directory) as staging:
+                write_extra(staging, extra)
