@@ -1006,7 +1006,7 @@ def placed_nodes(cluster: LocalCluster, job_id: str, wanted: set[str], wait_s: f
 
 
 @pytest.mark.slow
-def test_jobs_api_prepare_and_train_run_on_two_nodes(local_cluster, tmp_path):
+def test_jobs_api_prepare_and_train_stages_run_on_two_nodes(local_cluster, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
     from bubogpt.data.synth import synthesize
@@ -1051,3 +1051,16 @@ def test_jobs_api_prepare_and_train_run_on_two_nodes(local_cluster, tmp_path):
     printed = set(re.findall(r"bubogpt train worker rank \d/2 on node ([0-9a-f]+)", train_logs))
     assert printed == workers, (printed, workers)
     assert set(train_nodes) <= set(nodes)
+
+    # Stage 2 as a job of its own on the same OUT, as the RayJobs in cluster/kuberay chain them: it
+    # starts from the final checkpoint the stage-1 job recorded in OUT/stages.json, and redoes nothing.
+    stage1_end = json.loads((run / "stages.json").read_text())["stage1"]
+    _, stage2_logs = run_job(
+        client,
+        f"{VENV_PYTHON} -m workflows.cli train --data {prepared} --out {run} --stage stage2 --preset tiny "
+        f"--max-steps 3 --num-workers 2 --cpus-per-worker 2 --no-eval",
+        timeout_s=420,
+    )
+    assert f"starting from stage1's final checkpoint {stage1_end}" in stage2_logs, stage2_logs[-3000:]
+    ends = json.loads((run / "stages.json").read_text())
+    assert ends["stage1"] == stage1_end and Path(ends["stage2"]).name == "stage2_step_000003", ends
