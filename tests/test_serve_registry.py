@@ -17,20 +17,19 @@ import pytest
 from serve_harness import b64, deploy_beside, deployment_options_for_tests, free_port, image_bytes, scene
 
 MODEL = "bubogpt-tiny"
-# Training moves an alias to each version it registers (the training issue). MLflow reserves the
-# alias name "latest" (models:/NAME/latest is the highest version), so the test names its own.
-# NOTE: until training sets an alias, the test sets it on the session's version.
-ALIAS = "champion"
+# Training moves this alias to each version it registers (workflows/tracking.py; MLflow reserves the
+# name "latest": models:/NAME/latest is the highest version).
+ALIAS = "newest"
 
 
 @pytest.fixture(scope="module")
 def registered(trained_tiny_model) -> str:
-    """The version the session's training registered, with ALIAS on it."""
+    """The version the session's training registered; its training moved ALIAS to it."""
     from mlflow import MlflowClient
 
     client = MlflowClient(trained_tiny_model.tracking_uri, registry_uri=trained_tiny_model.tracking_uri)
     [version] = client.search_model_versions(f"name='{MODEL}' and run_id='{trained_tiny_model.run['run_id']}'")
-    client.set_registered_model_alias(MODEL, ALIAS, version.version)
+    assert client.get_model_version_by_alias(MODEL, ALIAS).version == version.version
     return str(version.version)
 
 
@@ -47,7 +46,7 @@ def test_bad_registry_uris_are_one_line_errors_with_exit_code_2(trained_tiny_mod
 
     uri = trained_tiny_model.tracking_uri
     cases = [
-        (["--model", "models:/no-such-model@champion", "--tracking-uri", uri], "no registered model 'no-such-model'"),
+        (["--model", "models:/no-such-model@newest", "--tracking-uri", uri], "no registered model 'no-such-model'"),
         (["--model", f"models:/{MODEL}@no-such-alias", "--tracking-uri", uri], "has no alias 'no-such-alias'"),
         (["--model", f"models:/{MODEL}/999", "--tracking-uri", uri], "has no version 999"),
         (["--model", f"models:/{MODEL}@{ALIAS}", "--tracking-uri", f"http://127.0.0.1:{free_port()}"],
@@ -106,7 +105,7 @@ def test_serving_by_alias_answers_as_the_local_model_directory(serve_app, traine
     from serve.local import local_config
     from serve.settings import ServeSettings
 
-    # What `bubogpt serve --model models:/bubogpt-tiny@champion` runs: the version pinned, downloaded.
+    # What `bubogpt serve --model models:/bubogpt-tiny@newest` runs: the version pinned, downloaded.
     config = local_config(f"models:/{MODEL}@{ALIAS}", free_port(), tracking_uri=trained_tiny_model.tracking_uri,
                           model_cache_dir=tmp_path / "cli-cache")  # fmt: skip
     args = config["applications"][0]["args"]
