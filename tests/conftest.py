@@ -211,6 +211,7 @@ class TrainedTinyModel:
     tracking_uri: str
     run: dict  # OUT/run.json: {"run_id", "stage_runs": {stage: run id}, "tracking_uri"}
     steps: int  # optimiser steps of every stage
+    models_built_on_driver: list[str]  # the stack of each BuboGPT built in this (the driver's) process
 
 
 @pytest.fixture(scope="session")
@@ -219,6 +220,10 @@ def trained_tiny_model(ray_session, prepared_small_corpus, mlflow_server, tmp_pa
     `bubogpt train --stage all --max-steps 6`. Not a good model; a real one, trained the real way."""
     import json
 
+    import traceback
+    from unittest import mock
+
+    from bubogpt.modeling_bubogpt import BuboGPT
     from workflows.options import TrainOptions
     from workflows.train import run_training
 
@@ -226,6 +231,18 @@ def trained_tiny_model(ray_session, prepared_small_corpus, mlflow_server, tmp_pa
     steps = 6
     options = TrainOptions(out=out, data=prepared_small_corpus.prepared_dir, stage="all", preset="tiny",
                            max_steps=steps, batch_size=4, tracking_uri=mlflow_server, eval_limit=4)  # fmt: skip
-    assert run_training(options) == 0
+    # A guard in the driver process: every BuboGPT built here while the job runs is recorded (Ray's
+    # workers and tasks are other processes, so what they build is not). The job's evaluation, sample
+    # generations and export must all run there (tests/test_train_ray.py asserts the list is empty).
+    built_on_driver: list[str] = []
+    build = BuboGPT.__init__
+
+    def recording_build(self, *args, **kwargs):
+        built_on_driver.append("".join(traceback.format_stack(limit=12)))
+        build(self, *args, **kwargs)
+
+    with mock.patch.object(BuboGPT, "__init__", recording_build):
+        assert run_training(options) == 0
     run = json.loads((out / "run.json").read_text())
-    return TrainedTinyModel(out, out / "model", prepared_small_corpus.prepared_dir, mlflow_server, run, steps)
+    return TrainedTinyModel(out, out / "model", prepared_small_corpus.prepared_dir, mlflow_server, run, steps,
+                            built_on_driver)  # fmt: skip

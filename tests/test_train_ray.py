@@ -98,6 +98,16 @@ def test_artifacts_loss_curve_config_samples_and_model(trained_tiny_model, mlflo
     assert {"bubogpt_config.json", "model.safetensors", "llm"} <= model_files
 
 
+def test_the_driver_never_builds_the_model(trained_tiny_model, mlflow_client):
+    """The session's job (evaluation, sample generations and the export included) loaded every model
+    in Ray tasks: conftest's guard in the driver process recorded no BuboGPT built there."""
+    run = mlflow_client.get_run(trained_tiny_model.run["run_id"])
+    assert any(key.startswith("eval_") for key in run.data.metrics)  # the evaluation did run
+    assert (trained_tiny_model.model_dir / "bubogpt_config.json").is_file()  # and the export
+    built = trained_tiny_model.models_built_on_driver
+    assert built == [], f"{len(built)} model(s) built on the driver, the first at:\n{built[0]}"
+
+
 def _our_version(trained_tiny_model, mlflow_client):
     versions = mlflow_client.search_model_versions("name='bubogpt-tiny'")
     ours = [v for v in versions if v.run_id == trained_tiny_model.run["run_id"]]
