@@ -199,7 +199,7 @@ FAST = {"lr": 3e-3, "min_lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 100, 
 STEPS, BATCH = 16, 3
 
 
-def _train_args(prepared_dir: Path, out: Path, stages: str, steps: int, config: dict, *extra: str) -> list[str]:
+def _train_args(prepared_dir: str | Path, out: Path, stages: str, steps: int, config: dict, *extra: str) -> list[str]:
     """A `bubogpt train` command line (without the program) with `config` for each of `stages`."""
     path = out.parent / f"{out.name}_config.json"
     path.write_text(json.dumps({stage: config for stage in stages.split(",")}))
@@ -300,23 +300,26 @@ def job_name_of(stages: str):
 
 def test_readme_rerun_with_more_steps_resumes_from_object_storage(ray_session, prepared_small_corpus, stage_jobs, s3_server,
                                                                    tmp_path, capfd):  # fmt: skip
-    """The README's rerun, with the checkpoints on S3 (a moto server): `bubogpt train --stage stage1
-    --max-steps 4 --storage s3://...` (a checkpoint every 2 steps), then the same command with
-    `--max-steps 8`. The checkpoints land in the bucket, none on local disk; the rerun continues from
-    step 4 (steps 5..8 run, 1..4 do not run again) and reads the rows an uninterrupted run reads
-    at steps 5..8, not the start of the epoch again."""
+    """The README's rerun, with the prepared corpus and the checkpoints on S3 (a moto server):
+    `bubogpt train --data s3://... --stage stage1 --max-steps 4 --storage s3://...` (a checkpoint every
+    2 steps), then the same command with `--max-steps 8`. The checkpoints land in the bucket, none on
+    local disk; the rerun continues from step 4 (steps 5..8 run, 1..4 do not run again) and reads the
+    rows an uninterrupted run on the local copy of the corpus reads at steps 5..8, not the start of
+    the epoch again."""
     import boto3
+    import pyarrow.fs as pafs
 
     reference = stage_jobs[0]
     bucket = "readme-rerun"
     storage = f"{s3_server.create_bucket(bucket)}/runs"
+    data = f"s3://{bucket}/prepared"
+    pafs.copy_files(str(prepared_small_corpus.prepared_dir), data)
     out = tmp_path / "rerun"
     config = {**FAST, "checkpoint_every": 2, "log_every": 1}
     run = job_name_of("stage1")
 
     def command(steps: int) -> list[str]:
-        return _train_args(prepared_small_corpus.prepared_dir, out, "stage1", steps, config, "--storage", storage,
-                           "--max-failures", "0")  # fmt: skip
+        return _train_args(data, out, "stage1", steps, config, "--storage", storage, "--max-failures", "0")
 
     def checkpoints_in_the_bucket() -> set[str]:
         keys = boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(Bucket=bucket).get("Contents", [])

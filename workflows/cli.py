@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ground_.add_argument("--llm", type=Path, help="a model directory whose LLM links the spans (default: the deterministic matcher)")
 
     train_ = command(commands, "train", train, TrainOptions, help="train BuboGPT's stages on Ray Train (tracked in MLflow)")
-    train_.add_argument("--data", type=Path, help="prepared corpus (bubogpt data prepare); not used by --stage grounding")
+    train_.add_argument("--data", help="prepared corpus (bubogpt data prepare): a folder or a URI (s3://bucket/prefix); not used by --stage grounding")
     train_.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, exported model)")
     train_.add_argument("--stage", help="lm_warmup | vision_align | stage1 | stage2 | grounding | all (default all)")
     train_.add_argument("--preset", choices=["tiny", "7b", "13b"], help="default tiny")

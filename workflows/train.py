@@ -82,7 +82,7 @@ from bubogpt.training import (
     train,
     with_job_overrides,
 )
-from workflows.data.prepared import DATASETS, read_manifest, shard_paths
+from workflows.data.prepared import DATASETS, is_uri, read_manifest, shard_paths
 from workflows.model_dirs import build_initial_model, check_initial_model, export_model, precomputed_tokens_match
 from workflows.options import TrainOptions
 from workflows.run_storage import RunStorage, local_folder
@@ -280,7 +280,7 @@ def _train_on_worker(loop_config: dict[str, Any], stages: list[TrainConfig], wor
 # ==================================================================================================
 
 
-def _training_datasets(data_dir: Path, configs: list[TrainConfig], data_mode: str, seed: int) -> dict[str, Any]:
+def _training_datasets(data_dir: str | Path, configs: list[TrainConfig], data_mode: str, seed: int) -> dict[str, Any]:
     """memory: one dataset "train" with every training row the stages use (each worker reads all of
     it); stream: one dataset per corpus set, split across the workers, its blocks in a seeded order
     (the same in every run, so that a resumed stream finds its rows where it left them)."""
@@ -323,7 +323,7 @@ def latest_job_checkpoint(storage: RunStorage, run: str, configs: list[TrainConf
     return None
 
 
-def run_job(configs: list[TrainConfig], data_dir: Path, out_dir: Path, start: str, manifest: dict,
+def run_job(configs: list[TrainConfig], data_dir: str | Path, out_dir: Path, start: str, manifest: dict,
             options: TrainOptions, storage: RunStorage, data_mode: str, tokens_match: bool,
             tracking: dict[str, Any] | None) -> dict[str, str]:  # fmt: skip
     """Every stage in one `TorchTrainer.fit()` (one worker group start); returns each stage's final
@@ -448,7 +448,9 @@ def run_training(options: TrainOptions) -> int:
 
     if options.data is None:
         raise TrainJobError("--data is required (a prepared corpus) for every stage but grounding")
-    data_dir, out_dir = Path(options.data).resolve(), Path(options.out).resolve()
+    # The prepared corpus: a local folder or a pyarrow filesystem URI (s3://..., gs://...; Ray Data reads either).
+    data_dir = str(options.data) if is_uri(options.data) else Path(options.data).resolve()
+    out_dir = Path(options.out).resolve()
     manifest = read_manifest(data_dir)  # PreparedDataError when it is not a prepared corpus
     overrides = load_overrides(options.config) if options.config else {}
     configs = with_job_overrides(resolve_stages(options.preset, options.stage, overrides), options.max_steps, options.batch_size)
