@@ -224,7 +224,11 @@ def test_cc_sbu_align_layout(corpus):
         annotations = load(folder / "filter_cap.json")["annotations"]
         scenes = read_scenes(corpus, "cc_sbu_align", split)
         for ann in annotations:
-            assert set(ann) == {"image_id", "caption"}
+            # The original's keys, plus the synthetic corpus' `meta` (as its other sets carry): the
+            # scene's objects, which the evaluation scores captions against.
+            assert set(ann) == {"image_id", "caption", "meta"}
+            objects = scenes[ann["image_id"]]["objects"]
+            assert ann["meta"] == {"object_kinds": [o["kind"] for o in objects], "colours": [o["colour"] for o in objects]}
             with Image.open(folder / "image" / f"{ann['image_id']}.jpg") as image:
                 assert image.format == "JPEG"
             # The caption names every object with its colour and position.
