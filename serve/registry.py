@@ -25,11 +25,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from bubogpt.atomic import staging_directory
 from bubogpt.checkpoints.native import CONFIG_FILE
 from serve.settings import SettingsError
 
@@ -167,8 +167,7 @@ def _cached(folder: Path, version: str, weights: bool) -> Path | None:
 def _download(version: RegisteredVersion, tracking_uri: str, target: Path, weights: bool) -> None:
     from mlflow.artifacts import download_artifacts, list_artifacts
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = staging_directory(target)  # a hidden sibling; renamed into place below, first download wins
     try:
         model = staging / "model"
         if weights:
