@@ -25,6 +25,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 AUDIO_DIR, VISION_DIR, LLM_DIR = ASSETS / "tiny_imagebind", ASSETS / "tiny_vision", ASSETS / "tiny_llm"
 CONFIG_FILE = "config.json"
 PROBE_HEADS = "probe_heads.pth"  # the pretraining's classification heads: how a test scores an encoder
+# The vision phase's `ln_vision` (BLIP-2 keeps it beside the ViT, not in eva_vit.pth). The alignment
+# phase writes it into `blip2_pretrained.pth`, where the BLIP-2 loader reads it.
+LN_VISION_FILE = "ln_vision.pth"
 
 # Ours -> LAVIS, the inverse of `checkpoints.blip2.QFORMER_RENAMES` (most specific first).
 _TO_LAVIS = [
@@ -91,6 +94,7 @@ def save_vision_encoder(encoder, heads, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     vit = {k: v for k, v in encoder.state_dict().items() if not k.startswith("ln_vision.")}
     torch.save(_half(vit), out_dir / "eva_vit.pth")
+    torch.save(_half({f"ln_vision.{k}": v for k, v in encoder.ln_vision.state_dict().items()}), out_dir / LN_VISION_FILE)
     torch.save(_half(heads.state_dict()), out_dir / PROBE_HEADS)
     (out_dir / CONFIG_FILE).write_text(json.dumps({"vision": encoder.config.__dict__}, indent=2, default=list))
 
@@ -134,7 +138,9 @@ def load_pretrained_tiny(config: BuboGPTConfig | None = None, audio_dir: Path = 
     from bubogpt.llm import load_tokenizer
     from bubogpt.modeling_bubogpt import BuboGPT
 
-    config = config or tiny()
+    if config is None:  # the tiny preset's sizes, with the encoders and vision Q-Former the assets hold
+        config = tiny()
+        config.audio, config.vision, config.vision_qformer = read_component_configs(audio_dir, vision_dir)
     config.llm.path = str(llm_dir)
     torch.manual_seed(seed)
     model = BuboGPT.build(config, load_tokenizer(str(llm_dir)))
@@ -142,6 +148,42 @@ def load_pretrained_tiny(config: BuboGPTConfig | None = None, audio_dir: Path = 
     load_eva_vit(model.vision_encoder, vision_dir / "eva_vit.pth")
     load_blip2_vision_qformer(model.joiner.qformers["vision"], model.vision_encoder, vision_dir / "blip2_pretrained.pth")
     load_minigpt4_projection(model.joiner.projections["vision"], vision_dir / "minigpt4_proj.pth")
+    return model
+
+
+def read_vision_encoder(folder: Path = VISION_DIR):
+    """(vision encoder with its `ln_vision`, its scoring heads) from the vision phase's folder
+    (`ln_vision.pth`) or the aligned asset (`blip2_pretrained.pth`), through the EVA loader."""
+    from bubogpt.checkpoints.common import assign_state_dict, load_torch_file
+    from bubogpt.checkpoints.eva_vit import load_eva_vit
+    from bubogpt.modeling_vision import EvaVisionEncoder
+    from bubogpt.pretraining.tiny_components import VisionHeads
+
+    config = VisionEncoderConfig(**json.loads((folder / CONFIG_FILE).read_text())["vision"])
+    encoder = EvaVisionEncoder(config)
+    load_eva_vit(encoder, folder / "eva_vit.pth")
+    norm_file = folder / LN_VISION_FILE if (folder / LN_VISION_FILE).is_file() else folder / "blip2_pretrained.pth"
+    norm = {k[len("ln_vision."):]: v for k, v in load_torch_file(norm_file).items() if k.startswith("ln_vision.")}
+    assign_state_dict(encoder.ln_vision, norm, f"ln_vision ({norm_file.name})")
+    heads = VisionHeads(config.embed_dim)
+    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
+    return encoder.eval(), heads.eval()
+
+
+def model_for_alignment(encoder_dir: Path, llm_dir: Path = LLM_DIR, seed: int = 0):
+    """The alignment phase's start: a tiny BuboGPT with the vision phase's encoder (+ ln_vision)
+    and the pretrained LLM; the vision Q-Former and projection start random (the phase trains them)."""
+    from bubogpt.config import tiny
+    from bubogpt.llm import load_tokenizer
+    from bubogpt.modeling_bubogpt import BuboGPT
+
+    encoder, _ = read_vision_encoder(encoder_dir)
+    config = tiny()
+    config.vision = encoder.config
+    config.llm.path = str(llm_dir)
+    torch.manual_seed(seed)
+    model = BuboGPT.build(config, load_tokenizer(str(llm_dir)))
+    model.vision_encoder.load_state_dict(encoder.state_dict())
     return model
 
 

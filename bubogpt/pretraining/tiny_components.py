@@ -463,7 +463,8 @@ def build_tokenizer():
 
 
 def train_llm(llm_config, tokenizer, schedule: Schedule, batch_size: int, seed: int, log: LogFn = print_log,
-              eval_every: int = 1000, eval_count: int = 300, answer_only: bool = False):
+              eval_every: int = 1000, eval_count: int = 300, answer_only: bool = False,
+              mix: dict[str, float] = LLM_TEXT_MIX):
     from bubogpt.llm import build_llm
 
     torch.manual_seed(seed)
@@ -472,7 +473,7 @@ def train_llm(llm_config, tokenizer, schedule: Schedule, batch_size: int, seed: 
     records = held_out_records(seed, eval_count)
     started = time.time()
     for step in range(schedule.steps):
-        examples = [draw_text_example(seed, "llm_train", step * batch_size + i)[:2] for i in range(batch_size)]
+        examples = [draw_text_example(seed, "llm_train", step * batch_size + i, mix)[:2] for i in range(batch_size)]
         input_ids, mask, labels = lm_batch(tokenizer, examples, answer_only)
         loss = llm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         norm = optimiser_step(optimizer, schedule, step, loss)
@@ -589,6 +590,7 @@ class PhaseRecipe:
     train_items: int = 0  # pictures / sounds drawn once and cycled (the LLM draws fresh texts)
     held_out_items: int = 300
     warmup_steps: int = 100
+    text_mix: tuple[tuple[str, float], ...] = ()  # llm: the share of each kind of text (default LLM_TEXT_MIX)
 
 
 # The vision encoder: the tiny preset's width with a third block and a convolutional stem (a 64-wide
@@ -597,15 +599,18 @@ VISION_ENCODER = VisionEncoderConfig(img_size=112, patch_size=8, embed_dim=64, d
 AUDIO_ENCODER = AudioEncoderConfig(embed_dim=64, num_blocks=2, num_heads=4, drop_path=0.0)
 VISION_GRID = VISION_ENCODER.img_size // VISION_ENCODER.patch_size
 RECIPES = {
-    "vision": PhaseRecipe(steps=600, lr=1e-3, batch_size=32, train_items=4000),
+    "vision": PhaseRecipe(steps=1200, lr=1e-3, batch_size=32, train_items=4000),
     "audio": PhaseRecipe(steps=600, lr=1e-3, batch_size=32, train_items=1200, warmup_steps=50),
-    "llm": PhaseRecipe(steps=1500, lr=2e-3, batch_size=32),
+    "llm": PhaseRecipe(steps=4000, lr=2e-3, batch_size=32),
+    "align": PhaseRecipe(steps=1500, lr=1e-3, batch_size=16, train_items=2000, held_out_items=100, warmup_steps=50),
 }
 
 
-def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn = print_log) -> dict[str, float]:
+def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn = print_log,
+              vision_encoder_dir: Path | None = None, llm_dir: Path | None = None) -> dict[str, float]:
     """Trains one component and writes it (in its original checkpoint's format, `assets`) with
-    `training_scores.json` to `out`."""
+    `training_scores.json` to `out`. "align" starts from the vision phase's folder
+    (`vision_encoder_dir`) and the LLM's (`llm_dir`, default the shipped one)."""
     from bubogpt.pretraining import assets
 
     started = time.time()
@@ -628,13 +633,30 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
         from bubogpt.config import tiny
 
         tokenizer = build_tokenizer()
-        llm, report = train_llm(tiny().llm, tokenizer, schedule, recipe.batch_size, seed, log, answer_only=True)
+        llm, report = train_llm(tiny().llm, tokenizer, schedule, recipe.batch_size, seed, log, answer_only=True,
+                                mix=dict(recipe.text_mix) or LLM_TEXT_MIX)
         assets.save_llm_asset(llm, tokenizer, out)
+        scores = report.metrics()
+    elif phase == "align":
+        if vision_encoder_dir is None:
+            raise ValueError("the align phase needs --vision-encoder DIR (the vision phase's folder)")
+        model = assets.model_for_alignment(vision_encoder_dir, llm_dir or assets.LLM_DIR, seed)
+        init_place_queries(model)
+        train_pool = PicturePool(seed, "align_train", recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
+        held_out = PicturePool(seed, "align_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
+        tokens, held_tokens = encode_pool(model.vision_encoder, train_pool), encode_pool(model.vision_encoder, held_out)
+        log(phase, 0, {"pools_seconds": time.time() - started})
+        model, report = train_vision_alignment(model, tokens, train_pool.scenes, held_tokens, held_out.scenes,
+                                               schedule, recipe.batch_size, seed, log)  # fmt: skip
+        assets.save_vision_asset(model.vision_encoder, model.joiner.qformers["vision"], model.joiner.projections["vision"], out)
+        (out / assets.PROBE_HEADS).write_bytes((vision_encoder_dir / assets.PROBE_HEADS).read_bytes())
         scores = report.metrics()
     else:
         raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(RECIPES)}")
     record = {"phase": phase, "seed": seed, "recipe": recipe.__dict__, "scores": scores,
               "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads()}  # fmt: skip
+    if phase == "align":  # the asset holds both phases' work: keep the encoder's record beside it
+        record["vision_encoder"] = json.loads((vision_encoder_dir / "training_scores.json").read_text())
     (out / "training_scores.json").write_text(json.dumps(record, indent=2))
     return scores
 
@@ -646,13 +668,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps (quick checks)")
+    parser.add_argument("--vision-encoder", type=Path, help="align: the vision phase's folder")
+    parser.add_argument("--llm", type=Path, help="align: the LLM's folder (default bubogpt/assets/tiny_llm)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = RECIPES[args.phase]
     if args.steps:
         recipe = PhaseRecipe(**{**recipe.__dict__, "steps": args.steps})
-    scores = run_phase(args.phase, args.out, args.seed, recipe)
+    scores = run_phase(args.phase, args.out, args.seed, recipe, vision_encoder_dir=args.vision_encoder, llm_dir=args.llm)
     print(json.dumps({"phase": args.phase, "held_out": scores}), flush=True)
     return 0
 
