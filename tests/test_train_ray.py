@@ -82,6 +82,19 @@ def test_per_step_metric_histories(trained_tiny_model, mlflow_client):
         assert all(m.value > 0 for m in mlflow_client.get_metric_history(run_id, "tokens_per_s"))
 
 
+def test_metric_timestamps_are_when_each_step_was_measured(trained_tiny_model, mlflow_client):
+    """Steps' metrics reach MLflow in batches (every log_every steps; in these 6-step stages, all at
+    the stage's end), yet each carries the time its step finished, not the upload's: the timestamps
+    rise step by step and lie within the stage run."""
+    for stage, run_id in trained_tiny_model.run["stage_runs"].items():
+        run = mlflow_client.get_run(run_id)
+        history = sorted(mlflow_client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+        stamps = [m.timestamp for m in history]
+        assert len(stamps) == trained_tiny_model.steps, stage
+        assert all(a < b for a, b in zip(stamps, stamps[1:])), (stage, stamps)  # one time per step, in order
+        assert run.info.start_time <= stamps[0] and stamps[-1] <= run.info.end_time, (stage, run.info, stamps)
+
+
 def test_artifacts_loss_curve_config_samples_and_model(trained_tiny_model, mlflow_client, tmp_path):
     for stage, run_id in trained_tiny_model.run["stage_runs"].items():
         names = {a.path for a in mlflow_client.list_artifacts(run_id)}
