@@ -9,6 +9,7 @@ for KubeRay (not installed here), required-field lists copied from its CRDs (bel
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -31,6 +32,8 @@ CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 KUBERAY_GPU = CLUSTER / "kuberay-gpu"  # the overlay with serve/config.gpu.yaml
 MONITORING = CLUSTER / "monitoring"  # PodMonitor + Grafana dashboard
+JOBS = KUBERAY / "jobs"  # the RayJobs, each with raycluster.yaml's spec as its own cluster
+JOB_LABEL = "bubogpt.io/job"
 SERVE_CONFIG = REPO / "serve" / "config.yaml"
 SERVE_GPU_CONFIG = REPO / "serve" / "config.gpu.yaml"
 GRAFANA_DASHBOARD = CLUSTER / "grafana" / "bubogpt-serving.json"
@@ -125,7 +128,7 @@ def kustomize_build(folder: Path) -> list[dict[str, Any]]:
         for target in replacement["targets"]:
             obj = find_object(objects, target["select"]["kind"], target["select"]["name"])
             for field_path in target["fieldPaths"]:
-                set_path(obj, field_path, value)
+                set_path(obj, field_path, copy.deepcopy(value), create=target.get("options", {}).get("create", False))
     if "namespace" in kustomization:
         for obj in objects:
             if obj["kind"] != "Namespace":
@@ -153,11 +156,11 @@ def get_path(obj: dict, dotted: str) -> Any:
     return obj
 
 
-def set_path(obj: dict, dotted: str, value: Any) -> None:
+def set_path(obj: dict, dotted: str, value: Any, create: bool = False) -> None:
     *parents, last = dotted.split(".")
     for key in parents:
-        obj = obj[key]
-    assert last in obj, f"kustomize refuses to create {dotted!r} (no `create: true`)"
+        obj = obj.setdefault(key, {}) if create else obj[key]
+    assert create or last in obj, f"kustomize refuses to create {dotted!r} (no `create: true`)"
     obj[last] = value
 
 
@@ -213,12 +216,14 @@ def rendered_monitoring() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def job_manifests() -> dict[str, dict[str, Any]]:
-    jobs = {}
-    for path in sorted((KUBERAY / "jobs").glob("*.yaml")):
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-        assert len(docs) == 1, f"{path}: one RayJob per file (they are applied one at a time)"
-        jobs[path.stem] = docs[0]
-    return jobs
+    """The RayJobs as `kubectl kustomize cluster/kuberay/jobs` prints them (each with its cluster
+    spec), by the `bubogpt.io/job` label that `kubectl apply -l` picks one with."""
+    for path in sorted(JOBS.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+            assert len(docs) == 1 and docs[0]["kind"] == "RayJob", f"{path}: one RayJob per file"
+            assert docs[0]["metadata"]["labels"].get(JOB_LABEL) == path.stem, f"{path}: label {JOB_LABEL}={path.stem}"
+    return {o["metadata"]["labels"][JOB_LABEL]: o for o in kustomize_build(JOBS) if o["kind"] == "RayJob"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ def test_rayservice_embeds_serve_config_verbatim(rendered):
     assert copies == [], f"copies of the Serve config: {copies}"
 
 
-@pytest.mark.parametrize("folder", [KUBERAY, KUBERAY_GPU, MONITORING], ids=lambda f: f.name)
+@pytest.mark.parametrize("folder", [KUBERAY, KUBERAY_GPU, MONITORING, JOBS], ids=lambda f: f.name)
 def test_real_kustomize_build_matches(folder):
     """Where kustomize (or kubectl's built-in one) is installed, its build agrees with ours."""
     if shutil.which("kustomize"):
@@ -276,7 +281,7 @@ def test_real_kustomize_build_matches(folder):
         assert obj.get("metadata", {}).get("namespace") == ours["metadata"].get("namespace"), key(obj)
         assert obj.get("metadata", {}).get("labels") == ours["metadata"].get("labels"), key(obj)
         assert sorted(c["image"] for c in iter_containers(obj)) == sorted(c["image"] for c in iter_containers(ours))
-        if obj["kind"] in ("RayService", "ConfigMap"):
+        if obj["kind"] in ("RayService", "RayJob", "ConfigMap"):
             assert obj.get("spec", obj.get("data")) == ours.get("spec", ours.get("data")), key(obj)
 
 
@@ -762,8 +767,20 @@ def parse_bubogpt(command: str):
     return SimpleNamespace(command=raw.command, data_command=getattr(raw, "data_command", None), **vars(options))
 
 
+def check_kuberay_rayjob_rules(name: str, spec: dict[str, Any]) -> None:
+    """The RayJob rules KubeRay 1.6's webhook and controller enforce (ray-operator/controllers/ray/
+    utils/validation.go, ValidateRayJobSpec and validateDeletionConfiguration) for the fields we use."""
+    selector_mode = bool(spec.get("clusterSelector"))
+    assert selector_mode != ("rayClusterSpec" in spec), f"{name}: exactly one of rayClusterSpec, clusterSelector"
+    if spec.get("ttlSecondsAfterFinished", 0) > 0:
+        assert spec.get("shutdownAfterJobFinishes"), f"{name}: a TTL needs shutdownAfterJobFinishes"
+    if selector_mode:
+        assert spec.get("backoffLimit", 0) == 0, f"{name}: backoffLimit is refused with clusterSelector"
+        assert not spec.get("suspend"), f"{name}: suspend is refused with clusterSelector"
+
+
 def test_rayjobs(rendered, job_manifests):
-    cluster_name = find_object(rendered, "RayCluster", "bubogpt-jobs")["metadata"]["name"]
+    cluster = find_object(rendered, "RayCluster", "bubogpt-jobs")
     assert {"prepare", "train-stage1", "train-stage2"} <= set(job_manifests)
     stages = {}
     for name, job in job_manifests.items():
@@ -772,10 +789,14 @@ def test_rayjobs(rendered, job_manifests):
         assert job["metadata"].get("namespace") == "bubogpt", f"{name}: not in the kustomization's namespace"
         spec = job["spec"]
         assert not missing(spec, RAYJOB_SPEC_REQUIRED), f"{name}: missing {missing(spec, RAYJOB_SPEC_REQUIRED)}"
-        # KubeRay accepts exactly one of the two: run on an existing cluster, or create one.
-        assert ("clusterSelector" in spec) != ("rayClusterSpec" in spec), name
-        assert spec["clusterSelector"] == {"ray.io/cluster": cluster_name}, name
-        assert "shutdownAfterJobFinishes" not in spec, f"{name}: would delete the shared RayCluster"
+        check_kuberay_rayjob_rules(name, spec)
+        # A cluster of its own, with the long-lived jobs cluster's spec (and so its image and
+        # MLflow wiring), deleted 0 < TTL after the job ends; failed runs are retried.
+        assert spec["rayClusterSpec"] == cluster["spec"], f"{name}: not raycluster.yaml's spec"
+        check_ray_cluster_spec(f"RayJob {name}", spec["rayClusterSpec"])
+        assert spec["shutdownAfterJobFinishes"] is True and 0 < spec["ttlSecondsAfterFinished"] <= 3600, name
+        assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0, name
+        assert spec["entrypointNumCpus"] >= 1, f"{name}: the driver must reserve a CPU (the head has none)"
         args = parse_bubogpt(spec["entrypoint"])
         if name == "prepare":
             assert (args.command, args.data_command) == ("data", "prepare")
@@ -793,7 +814,7 @@ def test_rayjobs(rendered, job_manifests):
     assert stages["stage1"].init is not None and stages["stage2"].init is None
 
     # Every training worker gets a GPU, and the workers fit the gpu-train group.
-    group = check_ray_cluster_spec("RayCluster", find_object(rendered, "RayCluster", "bubogpt-jobs")["spec"])["gpu-train"]
+    group = check_ray_cluster_spec("RayCluster", cluster["spec"])["gpu-train"]
     pod = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus_per_pod, cpus_per_pod = quantity(pod["nvidia.com/gpu"]), quantity(pod["cpu"])
     for stage, args in stages.items():
@@ -801,6 +822,20 @@ def test_rayjobs(rendered, job_manifests):
         assert args.num_workers <= gpus_per_pod * group["maxReplicas"], f"{stage}: more workers than GPUs"
         per_pod = min(args.num_workers, gpus_per_pod)
         assert per_pod * args.cpus_per_worker < cpus_per_pod, f"{stage}: workers leave no CPU for data"
+
+
+def test_readme_runs_the_jobs_in_order_and_stops_on_failure(job_manifests):
+    """cluster/README.md's step 4 applies each RayJob alone from the jobs build (by its label), in
+    the order the workflow needs, and waits for Complete or Failed (a failed job ends the loop)."""
+    text = (CLUSTER / "README.md").read_text()
+    loop = re.search(r"^( *)for job in ([\w\- ]+); do\n(.*?)\n\1done$", text, re.S | re.M)  # to its own `done`
+    assert loop, "no `for job in ...` loop in cluster/README.md"
+    order, body = loop.group(2).split(), loop.group(3)
+    assert order == ["prepare", "train-stage1", "train-stage2"] and set(order) == set(job_manifests)
+    assert "kubectl kustomize --load-restrictor LoadRestrictionsNone cluster/kuberay/jobs" in text[: loop.start()]
+    assert re.search(rf"kubectl apply -f \S+ -l {re.escape(JOB_LABEL)}=\$job", body), body
+    assert "$state == Complete || $state == Failed" in body, "the wait must also end on Failed"
+    assert "|| break" in body
 
 
 def test_readme_submits_every_workflow_through_the_jobs_api():
