@@ -126,8 +126,10 @@ def kustomize_build(folder: Path) -> list[dict[str, Any]]:
         source = replacement["source"]
         value = get_path(find_object(objects, source["kind"], source["name"]), source["fieldPath"])
         for target in replacement["targets"]:
-            obj = find_object(objects, target["select"]["kind"], target["select"]["name"])
-            for field_path in target["fieldPaths"]:
+            select = target["select"]  # by kind, and by name where given
+            chosen = [o for o in objects if o["kind"] == select["kind"] and o["metadata"]["name"] == select.get("name", o["metadata"]["name"])]
+            assert chosen, f"replacement target {select} selects nothing"
+            for obj, field_path in ((o, f) for o in chosen for f in target["fieldPaths"]):
                 set_path(obj, field_path, copy.deepcopy(value), create=target.get("options", {}).get("create", False))
     if "namespace" in kustomization:
         for obj in objects:

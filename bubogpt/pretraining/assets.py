@@ -151,23 +151,34 @@ def load_pretrained_tiny(config: BuboGPTConfig | None = None, audio_dir: Path = 
     return model
 
 
-def read_vision_encoder(folder: Path = VISION_DIR):
-    """(vision encoder with its `ln_vision`, its scoring heads) from the vision phase's folder
-    (`ln_vision.pth`) or the aligned asset (`blip2_pretrained.pth`), through the EVA loader."""
+def _load_probe_heads(heads, folder: Path):
+    from bubogpt.checkpoints.common import load_torch_file
+
+    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
+    return heads.eval()
+
+
+def load_vision_encoder(encoder, folder: Path) -> None:
+    """The EVA-layout ViT of a vision folder into `encoder`, with its `ln_vision` from the vision
+    phase's `ln_vision.pth` or the aligned asset's `blip2_pretrained.pth`."""
     from bubogpt.checkpoints.common import assign_state_dict, load_torch_file
     from bubogpt.checkpoints.eva_vit import load_eva_vit
+
+    load_eva_vit(encoder, folder / "eva_vit.pth")
+    norm_file = folder / LN_VISION_FILE if (folder / LN_VISION_FILE).is_file() else folder / "blip2_pretrained.pth"
+    norm = {k[len("ln_vision."):]: v for k, v in load_torch_file(norm_file).items() if k.startswith("ln_vision.")}
+    assign_state_dict(encoder.ln_vision, norm, f"ln_vision ({norm_file.name})")
+
+
+def read_vision_encoder(folder: Path = VISION_DIR):
+    """(vision encoder with its `ln_vision`, its scoring heads) from a vision folder."""
     from bubogpt.modeling_vision import EvaVisionEncoder
     from bubogpt.pretraining.tiny_components import VisionHeads
 
     config = VisionEncoderConfig(**json.loads((folder / CONFIG_FILE).read_text())["vision"])
     encoder = EvaVisionEncoder(config)
-    load_eva_vit(encoder, folder / "eva_vit.pth")
-    norm_file = folder / LN_VISION_FILE if (folder / LN_VISION_FILE).is_file() else folder / "blip2_pretrained.pth"
-    norm = {k[len("ln_vision."):]: v for k, v in load_torch_file(norm_file).items() if k.startswith("ln_vision.")}
-    assign_state_dict(encoder.ln_vision, norm, f"ln_vision ({norm_file.name})")
-    heads = VisionHeads(config.embed_dim)
-    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
-    return encoder.eval(), heads.eval()
+    load_vision_encoder(encoder, folder)
+    return encoder.eval(), _load_probe_heads(VisionHeads(config.embed_dim), folder)
 
 
 def model_for_alignment(encoder_dir: Path, llm_dir: Path = LLM_DIR, seed: int = 0):
@@ -177,19 +188,17 @@ def model_for_alignment(encoder_dir: Path, llm_dir: Path = LLM_DIR, seed: int = 
     from bubogpt.llm import load_tokenizer
     from bubogpt.modeling_bubogpt import BuboGPT
 
-    encoder, _ = read_vision_encoder(encoder_dir)
     config = tiny()
-    config.vision = encoder.config
+    config.vision = VisionEncoderConfig(**json.loads((encoder_dir / CONFIG_FILE).read_text())["vision"])
     config.llm.path = str(llm_dir)
     torch.manual_seed(seed)
     model = BuboGPT.build(config, load_tokenizer(str(llm_dir)))
-    model.vision_encoder.load_state_dict(encoder.state_dict())
+    load_vision_encoder(model.vision_encoder, encoder_dir)
     return model
 
 
 def read_audio_encoder(folder: Path = AUDIO_DIR):
     """(audio encoder, its scoring heads) from an audio folder, through the ImageBind loader."""
-    from bubogpt.checkpoints.common import load_torch_file
     from bubogpt.checkpoints.imagebind import load_imagebind_audio
     from bubogpt.modeling_audio import ImageBindAudioEncoder
     from bubogpt.pretraining.tiny_components import AudioHeads
@@ -197,6 +206,4 @@ def read_audio_encoder(folder: Path = AUDIO_DIR):
     config = AudioEncoderConfig(**json.loads((folder / CONFIG_FILE).read_text())["audio"])
     encoder = ImageBindAudioEncoder(config)
     load_imagebind_audio(encoder, folder / "imagebind_audio.pth")
-    heads = AudioHeads(config.embed_dim)
-    heads.load_state_dict({k: v.float() for k, v in load_torch_file(folder / PROBE_HEADS).items()})
-    return encoder.eval(), heads.eval()
+    return encoder.eval(), _load_probe_heads(AudioHeads(config.embed_dim), folder)

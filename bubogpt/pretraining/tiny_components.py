@@ -463,8 +463,7 @@ def build_tokenizer():
 
 
 def train_llm(llm_config, tokenizer, schedule: Schedule, batch_size: int, seed: int, log: LogFn = print_log,
-              eval_every: int = 1000, eval_count: int = 300, answer_only: bool = False,
-              mix: dict[str, float] = LLM_TEXT_MIX):
+              eval_every: int = 1000, eval_count: int = 300, answer_only: bool = False):
     from bubogpt.llm import build_llm
 
     torch.manual_seed(seed)
@@ -473,7 +472,7 @@ def train_llm(llm_config, tokenizer, schedule: Schedule, batch_size: int, seed: 
     records = held_out_records(seed, eval_count)
     started = time.time()
     for step in range(schedule.steps):
-        examples = [draw_text_example(seed, "llm_train", step * batch_size + i, mix)[:2] for i in range(batch_size)]
+        examples = [draw_text_example(seed, "llm_train", step * batch_size + i)[:2] for i in range(batch_size)]
         input_ids, mask, labels = lm_batch(tokenizer, examples, answer_only)
         loss = llm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         norm = optimiser_step(optimizer, schedule, step, loss)
@@ -590,7 +589,6 @@ class PhaseRecipe:
     train_items: int = 0  # pictures / sounds drawn once and cycled (the LLM draws fresh texts)
     held_out_items: int = 300
     warmup_steps: int = 100
-    text_mix: tuple[tuple[str, float], ...] = ()  # llm: the share of each kind of text (default LLM_TEXT_MIX)
 
 
 # The vision encoder: the tiny preset's width with a third block and a convolutional stem (a 64-wide
@@ -633,8 +631,7 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
         from bubogpt.config import tiny
 
         tokenizer = build_tokenizer()
-        llm, report = train_llm(tiny().llm, tokenizer, schedule, recipe.batch_size, seed, log, answer_only=True,
-                                mix=dict(recipe.text_mix) or LLM_TEXT_MIX)
+        llm, report = train_llm(tiny().llm, tokenizer, schedule, recipe.batch_size, seed, log, answer_only=True)
         assets.save_llm_asset(llm, tokenizer, out)
         scores = report.metrics()
     elif phase == "align":
