@@ -7,7 +7,7 @@ the same run, one after the other (repeats interleaved), one torch thread:
 
   1. the mask alone, at a decode step of a left-padded batch (q = 1, kv = prompt + 32);
   2. greedy generation of exactly 32 new tokens, batch 1 and batch 8 (left-padded prompts of
-     different lengths), the tiny model with random weights (seed 0); the generated ids of the two
+     different lengths), the tiny starting model (the shipped pretrained components); the generated ids of the two
      implementations are checked equal;
   3. cProfile of a batch-8 generation per implementation: the share of its time spent building the
      mask (cumulative time of `sdpa_mask` / `padded_causal_mask` over the whole call; median of 3).
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bubogpt.conversation import Conversation  # noqa: E402
 from bubogpt.llm import PADDED_SDPA, padded_causal_mask  # noqa: E402
-from bubogpt.training import build_tiny_model  # noqa: E402
+from bubogpt.pretraining.assets import load_pretrained_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STOCK = "sdpa"
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python benchmarks/attention_mask.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
 
     torch.set_num_threads(1)
-    model = build_tiny_model(0).eval()
+    model = load_pretrained_tiny().eval()  # the tiny starting model (the shipped components)
     results: dict = {"mask_only": {}, "generate": {}, "mask_share_of_generate": {}}
     rows = []
 

@@ -200,10 +200,15 @@ TINY_CHOICES = dict(
 
 
 def tiny() -> BuboGPTConfig:
-    """All widths <= 128: trains on 2 CPU cores in minutes. Same architecture, smaller sizes."""
+    """All widths <= 128: trains on 2 CPU cores in minutes. Same architecture, smaller sizes.
+
+    The encoders, the vision Q-Former and the LLM are the sizes of the shipped pretrained tiny
+    components (bubogpt/assets/*/config.json; `pretraining.assets.load_pretrained_tiny`): the vision
+    encoder has a convolutional stem for its 8-px patches of 112-px scenes."""
     return BuboGPTConfig(
         audio=AudioEncoderConfig(embed_dim=64, num_blocks=2, num_heads=4, drop_path=0.0),
-        vision=VisionEncoderConfig(img_size=112, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+        vision=VisionEncoderConfig(img_size=112, patch_size=8, embed_dim=64, depth=3, num_heads=4,
+                                   stem_channels=(16, 32, 64)),
         audio_qformer=QFormerConfig(
             hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, num_query_token=8
         ),
@@ -215,7 +220,7 @@ def tiny() -> BuboGPTConfig:
             num_layers=4,
             num_heads=4,
             intermediate_size=344,
-            vocab_size=0,  # set from the locally built tokenizer
+            vocab_size=0,  # set from the tokenizer (the tiny LLM asset's: 771)
             max_position_embeddings=1024,
         ),
         max_txt_len=96,

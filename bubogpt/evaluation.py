@@ -23,9 +23,9 @@ Tasks and what counts as right:
                     image, over all those answers; `..._image_only` and `..._audio_only` apart. The
                     words come from the corpus vocabulary (`vocab.modality_words`, plus the named
                     kinds, colours and sounds). An answer that describes the modality it was not
-                    given is never right for its task, whatever else it names. The evaluator also
-                    asks some of these rows in the served chat template (`add_chat_answer`):
-                    counted in the rate and apart as `modality_hallucination_chat`.
+                    given is never right for its task, whatever else it names. The evaluator asks
+                    every row in the served chat template (`workflows/evaluate.py`), whose system
+                    sentence names an image and an audio.
 
 `CHANCE` gives, per metric, the score of guessing (uniformly over the vocabulary's values).
 """
@@ -232,23 +232,11 @@ class EvalReport:
             raise ScoringError(f"no evaluation defined for dataset {dataset!r}")
         self._add(dataset, meta, answer, scored | modality_hallucination(dataset, answer), keep_example)
 
-    def add_chat_answer(self, dataset: str, meta: Mapping[str, Any], answer: str, keep_example: bool = False) -> None:
-        """An image-only or audio-only row asked as a user of the served model asks it (the released
-        chat template, with its system sentence naming both media): scored for modality
-        hallucination only, into the overall rate and its own part `modality_hallucination_chat`."""
-        scored = modality_hallucination(dataset, answer)
-        if not scored:
-            raise ScoringError(f"{dataset!r} rows are not single-modality rows")
-        self._add(dataset, meta, answer, scored | {"modality_hallucination_chat": scored["modality_hallucination_rate"]},
-                  keep_example, template="chat")  # fmt: skip
-
-    def _add(self, dataset: str, meta: Mapping[str, Any], answer: str, scored: dict[str, bool], keep_example: bool,
-             template: str = "instruction") -> None:  # fmt: skip
+    def _add(self, dataset: str, meta: Mapping[str, Any], answer: str, scored: dict[str, bool], keep_example: bool) -> None:
         for name, ok in scored.items():
             self.tallies[name].add(ok)
         if keep_example:
-            self.examples.append({"dataset": dataset, "template": template, "answer": answer, "meta": dict(meta),
-                                  "scores": scored})  # fmt: skip
+            self.examples.append({"dataset": dataset, "answer": answer, "meta": dict(meta), "scores": scored})
 
     def metrics(self) -> dict[str, float]:
         return {name: tally.rate for name, tally in sorted(self.tallies.items()) if tally.rate is not None}

@@ -24,7 +24,7 @@ from bubogpt.checkpoints.training_state import (
     write_model,
 )
 from bubogpt.config import tiny
-from bubogpt.conversation import ModalitySlot, prompt_modalities
+from bubogpt.conversation import SYSTEM, ModalitySlot, prompt_modalities
 from bubogpt.modeling_bubogpt import IGNORE_INDEX, BuboGPT
 from bubogpt.tokenizer import build_tiny_tokenizer
 from bubogpt.training import (
@@ -230,11 +230,9 @@ def test_tiny_only_flags_add_encoders_and_llm(model):
     names = configure_trainable(model, make_config(stage="stage1", train_audio_encoder=True, use_precomputed_tokens=False))
     assert any(n.startswith("audio_encoder.") for n in names)
     assert not any(n.startswith(("vision_encoder.", "llm.", "joiner.qformers.vision")) for n in names)
-    names = configure_trainable(model, make_config(stage="lm_warmup", prompt_style="text"))
-    assert names and all(n.startswith("llm.") for n in names)
-    names = configure_trainable(model, make_config(stage="vision_align", train_vision_encoder=True, train_llm=True, use_precomputed_tokens=False))
-    prefixes = {n.split(".")[0] if not n.startswith("joiner") else ".".join(n.split(".")[:3]) for n in names}
-    assert prefixes == {"vision_encoder", "llm", "joiner.qformers.vision", "joiner.projections.vision"}
+    names = configure_trainable(model, make_config(stage="stage2", train_vision_encoder=True, train_llm=True, use_precomputed_tokens=False))
+    prefixes = {n.split(".")[0] if not n.startswith("joiner") else ".".join(n.split(".")[:2]) for n in names}
+    assert prefixes == {"vision_encoder", "llm", "joiner.projections"}
 
 
 def test_presets_follow_the_reference_and_keep_tiny_stages_tiny():
@@ -248,12 +246,17 @@ def test_presets_follow_the_reference_and_keep_tiny_stages_tiny():
     assert (s1.max_txt_len, s2.max_txt_len) == (128, 196)
     assert s1.schedule == s2.schedule == "lavis"
     assert s2.datasets == {"cc_sbu_align": 3, "llava_instruct": 150, "clotho": 4, "vggss": 5, "negative_pairs": 3}
-    assert s1.prompt_style == "caption" and s2.prompt_style == "instruction"
+    assert s1.prompt_style == "caption" and s2.prompt_style == "chat"  # stage 2 in the served template
     for config in seven.values():
         assert not (config.train_llm or config.train_vision_encoder or config.train_audio_encoder or config.lora)
-    assert list(stage_configs("tiny"))[:2] == ["lm_warmup", "vision_align"]
-    with pytest.raises(TrainConfigError, match="tiny-only"):
-        resolve_stages("7b", "lm_warmup")
+    # The tiny recipe is the same two stages on the pretrained tiny components, encoders frozen.
+    tiny_stages = stage_configs("tiny")
+    assert list(tiny_stages) == ["stage1", "stage2"]
+    assert [c.prompt_style for c in tiny_stages.values()] == ["caption", "chat"]
+    for config in tiny_stages.values():
+        assert not (config.train_llm or config.train_vision_encoder or config.train_audio_encoder or config.train_qformers)
+    with pytest.raises(TrainConfigError, match="has no stage 'lm_warmup'"):
+        resolve_stages("tiny", "lm_warmup")
     with pytest.raises(TrainConfigError, match="tiny-preset options"):
         resolve_stages("13b", "stage2", {"stage2": {"train_llm": True}})
     with pytest.raises(TrainConfigError, match="unknown TrainConfig fields"):
@@ -325,9 +328,9 @@ def test_collate_prompt_styles():
     rng = np.random.default_rng(0)
     caption = collate([_row("wavcaps", audio=True, answer="A low buzz.")], "caption", rng)
     assert caption.prompts == [[ModalitySlot("audio")]]  # stage 1: no instruction at all
-    text = collate([_row("llava_instruct", image=True, instruction="How many shapes?", answer="Two.")], "text", rng)
-    assert text.prompts == [[]] and text.image is None
-    assert text.targets == ["###Human: How many shapes? ###Assistant: Two."]
+    chat = collate([_row("llava_instruct", image=True, instruction="How many shapes?", answer="Two.")], "chat", rng)
+    assert chat.prompts == [[f"{SYSTEM}###Human: <Vision>", ModalitySlot("vision"), "</Vision> How many shapes?###Assistant:"]]
+    assert chat.targets == ["Two."] and chat.image is not None
     with pytest.raises(CollateError, match="neither image nor audio"):
         collate([_row("clotho")], "instruction", rng)
     with pytest.raises(CollateError, match="different shapes"):
@@ -469,14 +472,16 @@ def _query_response(model, row: int, col: int) -> torch.Tensor:
     return delta.norm(dim=-1)[0]
 
 
-def test_spatial_prior_makes_each_query_look_at_its_own_place(tokenizer):
-    from bubogpt.training import init_spatial_prior
+def test_place_queries_make_each_query_look_at_its_own_place(tokenizer):
+    # The tiny vision alignment's start (bubogpt/pretraining/tiny_components.py).
+    from bubogpt.pretraining.tiny_components import init_place_queries, init_position_codes
 
     torch.manual_seed(0)
     plain = BuboGPT.build(tiny(), tokenizer).eval()
     torch.manual_seed(0)
     prior = BuboGPT.build(tiny(), tokenizer).eval()
-    init_spatial_prior(prior)
+    init_position_codes(prior.vision_encoder)
+    init_place_queries(prior)
     hits, plain_peaks, prior_peaks = 0, [], []
     for row, col in ((0, 0), (0, 3), (3, 0), (3, 3), (1, 2), (2, 1)):
         response = _query_response(prior, row, col)
@@ -507,6 +512,7 @@ def test_bubogpt_train_needs_data_except_for_grounding(tmp_path, capsys):
 def test_training_evaluation_and_samples_ask_through_row_prompt():
     from bubogpt.conversation import caption_prompt, instruction_prompt
     from bubogpt.training import EVAL_INSTRUCTIONS, generation_batch, row_prompt
+    from bubogpt.training.prompts import chat_prompt
 
     rows = [
         _row("llava_instruct", image=True, instruction="What colour is the star?"),
@@ -514,22 +520,20 @@ def test_training_evaluation_and_samples_ask_through_row_prompt():
         _row("vggss", image=True, audio=True, instruction="Where is the tone from? (differs per pair)"),
         _row("negative_pairs", image=True, audio=True, instruction="Are they unrelated?"),
     ]
-    asked = generation_batch(rows).prompts  # what the evaluator generates from
+    asked = generation_batch(rows).prompts  # what the evaluator generates from: the served chat template
     assert asked == [
-        instruction_prompt(["vision"], "What colour is the star?"),
-        instruction_prompt(["audio"], EVAL_INSTRUCTIONS["sound"]),
-        instruction_prompt(["vision", "audio"], EVAL_INSTRUCTIONS["source"]),  # one question for matched ...
-        instruction_prompt(["vision", "audio"], EVAL_INSTRUCTIONS["source"]),  # ... and mismatched pairs
+        chat_prompt(["vision"], "What colour is the star?"),
+        chat_prompt(["audio"], EVAL_INSTRUCTIONS["sound"]),
+        chat_prompt(["vision", "audio"], EVAL_INSTRUCTIONS["source"]),  # one question for matched ...
+        chat_prompt(["vision", "audio"], EVAL_INSTRUCTIONS["source"]),  # ... and mismatched pairs
     ]
     # Training asks through the same function (an image QA record always with its own question);
     # stage 1 captions have no instruction.
-    trained = collate(rows[:1], "instruction", np.random.default_rng(0)).prompts
-    assert trained == [instruction_prompt(["vision"], "What colour is the star?")] == asked[:1]
+    trained = collate(rows[:1], "chat", np.random.default_rng(0)).prompts
+    assert trained == [chat_prompt(["vision"], "What colour is the star?")] == asked[:1]
     assert collate(rows[1:2], "caption", None).prompts == [caption_prompt(["audio"])]
-    # lm_warmup: the text template (no media) is the start of the target; samples generate from it.
-    text = generation_batch(rows[:1], "text")
-    assert text.prompts == [["###Human: What colour is the star? ###Assistant: "]] and text.image is None
-    assert row_prompt(rows[0], "text", "Q?") == ["###Human: Q? ###Assistant: "]
+    # The reference's stage-2 template stays available (released-weights conformance).
+    assert row_prompt(rows[0], "instruction", "Q?") == instruction_prompt(["vision"], "Q?")
 
 
 def test_the_samples_and_the_evaluator_share_the_generation_path():

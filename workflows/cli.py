@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_ = command(commands, "train", train, TrainOptions, help="train BuboGPT's stages on Ray Train (tracked in MLflow)")
     train_.add_argument("--data", help="prepared corpus (bubogpt data prepare): a folder or a URI (s3://bucket/prefix); not used by --stage grounding")
     train_.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, exported model)")
-    train_.add_argument("--stage", help="lm_warmup | vision_align | stage1 | stage2 | grounding | all (default all)")
+    train_.add_argument("--stage", help="stage1 | stage2 | stage1,stage2 | grounding | all (default all)")
     train_.add_argument("--preset", choices=["tiny", "7b", "13b"], help="default tiny")
     train_.add_argument("--config", type=Path, help="JSON/YAML {stage: {field: value}} overriding the recipe")
     train_.add_argument("--max-steps", type=int, help="steps per stage (short runs)")

@@ -3,16 +3,15 @@
     bubogpt eval --model DIR --data PREPARED [--json FILE] [--compare DIR2] [--limit N]
                  [--tracking-uri URI]
 
-Each eval row gets one prompt (the same for every model): `row_prompt` in the instruction style
-with its dataset's fixed instruction (`bubogpt.training.prompts.fixed_instruction`): image QA rows
-their own question; audio rows (clotho, wavcaps) `EVAL_INSTRUCTIONS["sound"]`; image + audio rows
-(vggss, negative_pairs) one shared question, `EVAL_INSTRUCTIONS["source"]`, so only the image and
-the sound can tell a matched pair from a mismatched one; captioned images (cc_sbu_align) "Describe
-this picture.", the prompt most likely to draw a sound from a model that hallucinates modalities
-(clotho and wavcaps are the audio-only rows). The `CHAT_DATASETS` rows are also asked in the
-chat template that Serve uses (`chat_prompt`), scored for modality hallucination only: the template's
-system sentence names an image and an audio, and a model that does not look at its inputs then
-describes both. Greedy decoding, at most `MAX_NEW_TOKENS`. Answers are scored
+Each eval row gets one prompt (the same for every model), asked as a user of the served model asks
+it: `row_prompt` in the chat style (Serve's template, the one stage 2 trains in) with its dataset's
+fixed instruction (`bubogpt.training.prompts.fixed_instruction`): image QA rows their own question;
+audio rows (clotho, wavcaps) `EVAL_INSTRUCTIONS["sound"]`; image + audio rows (vggss,
+negative_pairs) one shared question, `EVAL_INSTRUCTIONS["source"]`, so only the image and the sound
+can tell a matched pair from a mismatched one; captioned images (cc_sbu_align) "Describe this
+picture.", the prompt most likely to draw a sound from a model that hallucinates modalities (clotho
+and wavcaps are the audio-only rows): the template's system sentence names an image and an audio,
+and a model that does not look at its inputs then describes both. Greedy decoding, at most `MAX_NEW_TOKENS`. Answers are scored
 from the ground truth in `meta` (bubogpt/evaluation.py). The `Evaluator` (a callable class that loads the
 model once) runs in this process, or as a Ray Data `map_batches` actor with `--ray`.
 """
@@ -28,43 +27,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from bubogpt.conversation import Conversation
 from bubogpt.evaluation import CHANCE, EvalReport, format_table, meets_target
 from bubogpt.training import EVAL_INSTRUCTIONS, TrainConfig, fixed_instruction, generation_batch
-from bubogpt.training.prompts import row_modalities
+from bubogpt.training.prompts import row_prompt
 from workflows.data.prepared import decode_row_tensors, read_manifest, read_split, shard_paths
 from workflows.options import EvalOptions
 
 EVAL_DATASETS = ("llava_instruct", "cc_sbu_align", "clotho", "wavcaps", "vggss", "negative_pairs")
-# Single-modality rows also asked as a user of the served model asks (the released chat template,
-# whose system sentence names an image and an audio): scored for modality hallucination only.
-CHAT_DATASETS = ("cc_sbu_align", "clotho")
 MAX_NEW_TOKENS = 80
 BATCH_SIZE = 32
 
 
-def generate_answers(model, rows: list[dict[str, Any]], manifest: dict, prompt_style: str = "instruction",
+def generate_answers(model, rows: list[dict[str, Any]], manifest: dict, prompt_style: str = "chat",
                      max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device = "cpu") -> list[str]:  # fmt: skip
-    """Greedy answers of `model` to prepared rows, asked the fixed way (`generation_batch`); with
-    `prompt_style` "chat", the same instruction in the served chat template (`chat_prompt`)."""
+    """Greedy answers of `model` to prepared rows, asked the fixed way (`generation_batch`) in
+    `prompt_style` (default: the served chat template)."""
     decoded = [{**row, **decode_row_tensors(row, manifest)} for row in rows]
-    batch = generation_batch(decoded, "instruction" if prompt_style == "chat" else prompt_style).to(device)
-    prompts = [chat_prompt(row) for row in decoded] if prompt_style == "chat" else batch.prompts
-    return model.generate(prompts, image=batch.image, audio=batch.audio, max_new_tokens=max_new_tokens,
+    batch = generation_batch(decoded, prompt_style).to(device)
+    return model.generate(batch.prompts, image=batch.image, audio=batch.audio, max_new_tokens=max_new_tokens,
                           do_sample=False, num_beams=1)  # fmt: skip
 
 
 def chat_prompt(row: dict[str, Any]) -> list:
-    """A one-turn request of the row's fixed instruction and media, as Serve renders it
-    (`ChatRequest.conversation`: the default `Conversation`)."""
-    conversation = Conversation()
-    conversation.add_user(fixed_instruction(row), row_modalities(row))
-    return conversation.render()
+    """A one-turn request of the row's fixed instruction and media, as Serve renders it."""
+    return row_prompt(row, "chat", fixed_instruction(row))
 
 
 class Evaluator:
-    """Loads a model once; called on a batch {column: array} of one dataset it adds an `answer` column
-    and a `chat_answer` one (the answer in the served chat template for `CHAT_DATASETS`, else "")."""
+    """Loads a model once; called on a batch {column: array} it adds an `answer` column (each row
+    asked in the served chat template)."""
 
     def __init__(self, model_dir: str, manifest: dict, device: str = "cpu", threads: int | None = None):
         from bubogpt.checkpoints.training_state import read_model
@@ -77,18 +68,9 @@ class Evaluator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        chat = {row["dataset"] in CHAT_DATASETS for row in rows}
-        if len(chat) > 1:  # batches come from one dataset at a time (`evaluate_model`)
-            raise ValueError("a batch mixes datasets asked in the chat template with others")
         answers = generate_answers(self.model, rows, self.manifest, device=self.device)
-        chat_answers = generate_answers(self.model, rows, self.manifest, "chat", device=self.device) if True in chat else []
-        return {
-            "dataset": batch["dataset"],
-            "id": batch["id"],
-            "meta": batch["meta"],
-            "answer": np.array(answers, dtype=object),
-            "chat_answer": np.array(chat_answers or [""] * len(rows), dtype=object),
-        }
+        return {"dataset": batch["dataset"], "id": batch["id"], "meta": batch["meta"],
+                "answer": np.array(answers, dtype=object)}  # fmt: skip
 
 
 def sample_generations(model_dir: str | Path, data_dir: Path, config: TrainConfig, per_dataset: int = 2,
@@ -150,8 +132,6 @@ def evaluate_model(
         for row in answered:
             meta = json.loads(row["meta"])
             report.add_row(row["dataset"], meta, row["answer"], keep_example=len(report.examples) < examples)
-            if row["dataset"] in CHAT_DATASETS:
-                report.add_chat_answer(row["dataset"], meta, row["chat_answer"], keep_example=len(report.examples) < examples)
         print(f"[bubogpt eval] {dataset}: {len(answered)} rows scored ({time.time() - started:.0f} s so far)", flush=True)
     return report
 

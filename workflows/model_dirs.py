@@ -31,7 +31,8 @@ def check_initial_model(preset: str, out_dir: Path, init: Path | None) -> None:
 
 
 def build_initial_model(preset: str, out_dir: Path, init: Path | None, seed: int) -> Path:
-    """OUT/init: the first stage's starting model (tiny: built here; 7b/13b: a copy of --init)."""
+    """OUT/init: the first stage's starting model (tiny: the shipped pretrained tiny components,
+    `load_pretrained_tiny`; 7b/13b: a copy of --init)."""
     target = out_dir / "init"
     if (target / CONFIG_FILE).is_file():
         return target
@@ -40,9 +41,9 @@ def build_initial_model(preset: str, out_dir: Path, init: Path | None, seed: int
         if init is not None:
             shutil.copytree(init, staging, dirs_exist_ok=True)
         else:
-            from bubogpt.training import build_tiny_model
+            from bubogpt.pretraining.assets import load_pretrained_tiny
 
-            write_model(build_tiny_model(seed), staging, include_llm=True)
+            write_model(load_pretrained_tiny(seed=seed), staging, include_llm=True)
     return target
 
 

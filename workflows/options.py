@@ -31,7 +31,7 @@ class PrepareOptions:
 class TrainOptions:
     out: Path
     data: str | Path | None = None  # prepared corpus, a folder or a URI (s3://...); not used by --stage grounding
-    stage: str = "all"  # lm_warmup | vision_align | stage1 | stage2 | a comma list | all | grounding
+    stage: str = "all"  # stage1 | stage2 | a comma list | all | grounding
     preset: str = "tiny"
     config: Path | None = None  # JSON/YAML {stage: {field: value}}
     max_steps: int | None = None

@@ -24,7 +24,7 @@ The driver builds no model: the starting model, the sample generations, the expo
 merge) and the evaluation run as Ray tasks with a training worker's resources (a GPU with --use-gpu).
 
 Jobs, reruns and storage. Each job is one Ray Train run named after its stages (`job_name`:
-"train-stage1", "train-stage2", "train-lm_warmup-vision_align-stage1-stage2" for --stage all) in
+"train-stage1", "train-stage2", "train-stage1-stage2" for --stage all) in
 the storage (`--storage`: any pyarrow filesystem URI, default OUT/ray; `workflows/run_storage.py`).
 Running the same command again is Ray Train V2's restore: the same `RunConfig(name, storage_path)`
 finds the run's snapshot, and the workers continue from its latest checkpoint (a job that finished
@@ -92,7 +92,6 @@ STAGES_FILE = "stages.json"
 RUN_FILE = "run.json"  # the MLflow run ids of the job and of its stages
 PROGRESS_DIR = "progress"  # per-rank progress files (step, pid): for monitoring and the fault tests
 SAMPLE_LOG_ENV = "BUBOGPT_SAMPLE_LOG"  # "1": record the row ids of every step in OUT/progress
-TEXT_COLUMNS = ["dataset", "split", "id", "instruction", "answer", "meta"]
 
 
 class TrainJobError(ValueError):
@@ -295,11 +294,9 @@ def _training_datasets(data_dir: str | Path, configs: list[TrainConfig], data_mo
             paths[name] = [str(p) for p in shard_paths(data_dir, name, "train")]
         except ValueError as err:
             raise TrainJobError(f"the recipe needs {name}: {err}") from err
-    media_free = all(c.prompt_style == "text" for c in configs)
-    columns = TEXT_COLUMNS if media_free else None
     if data_mode == "memory":
-        return {"train": ray.data.read_parquet([p for name in names for p in paths[name]], columns=columns)}
-    return {name: ray.data.read_parquet(paths[name], columns=columns).randomize_block_order(seed=seed) for name in names}
+        return {"train": ray.data.read_parquet([p for name in names for p in paths[name]])}
+    return {name: ray.data.read_parquet(paths[name]).randomize_block_order(seed=seed) for name in names}
 
 
 def _data_config(data_mode: str):

@@ -200,12 +200,19 @@ def score_vision(encoder: EvaVisionEncoder, heads: VisionHeads, pool: PicturePoo
             "count_accuracy": right["count"] / len(pool), "objects": n}  # fmt: skip
 
 
+def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) row and column coordinates -> (N, dim) [sin x, cos x, sin y, cos y] features, dim/4
+    frequencies each (MAE's 2-D position embedding). Two codes' dot product peaks where they meet."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    x, y = cols.float()[:, None] * omega, rows.float()[:, None] * omega
+    return torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=1)
+
+
 @torch.no_grad()
 def init_position_codes(encoder: EvaVisionEncoder, scale: float = 2.0) -> None:
     """Start the position embedding as a 2-D sin-cos code of the patch grid (it stays trainable), so
     a Q-Former can later start with queries that look at places (`init_place_queries`)."""
-    from bubogpt.training.tiny import sincos_2d
-
     grid = encoder.config.img_size // encoder.config.patch_size
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     codes = sincos_2d(rows.flatten(), cols.flatten(), encoder.config.embed_dim) * scale
@@ -536,16 +543,29 @@ def score_image_qa(model, tokens: torch.Tensor, scenes: list[streams.WorldScene]
 
 
 @torch.no_grad()
-def init_place_queries(model) -> None:
-    """The vision Q-Former's queries start as the 2-D sin-cos codes of a grid of image places, with
-    its first cross-attention's query and key projections a scaled identity, so each query starts
-    looking at its own place of the pretrained encoder (whose position embedding started as the
-    same code, `init_position_codes`). `training.init_spatial_prior` without its encoder part."""
-    from bubogpt.training import init_spatial_prior
-
-    pos_embed = model.vision_encoder.pos_embed.detach().clone()
-    init_spatial_prior(model)
-    model.vision_encoder.pos_embed.copy_(pos_embed)
+def init_place_queries(model, sharpness: float = 1.5) -> None:
+    """The vision Q-Former's queries start as the 2-D sin-cos codes of a sqrt(Q) x sqrt(Q) grid of
+    image places, and its first cross-attention's query and key projections as `sharpness` x
+    identity, so at step 0 each query attends around its own place of the pretrained encoder (whose
+    position embedding started as the same code, `init_position_codes`; code dot products peak where
+    positions meet). A random Q-Former attends almost uniformly at first, so every query returns
+    about the image's mean, and learning to attend sharply from the LM loss alone is slow (issue #4).
+    Everything stays trainable."""
+    vision, qformer = model.vision_encoder, model.joiner.qformers["vision"]
+    dim, hidden = vision.config.embed_dim, qformer.config.hidden_size
+    if dim != hidden or dim % 4:
+        raise ValueError(f"place queries need the Q-Former width ({hidden}) to equal the encoder width ({dim}), a multiple of 4")
+    grid = vision.config.img_size // vision.config.patch_size
+    side = int(round(qformer.config.num_query_token**0.5))
+    if side * side != qformer.config.num_query_token:
+        raise ValueError(f"place queries need a square number of queries, got {qformer.config.num_query_token}")
+    places = torch.linspace(0.5, grid - 1.5, side)  # cell centres of a side x side grid over the patches
+    q_rows, q_cols = torch.meshgrid(places, places, indexing="ij")
+    qformer.query_tokens.copy_(sincos_2d(q_rows.flatten(), q_cols.flatten(), dim)[None])
+    cross = next(layer.cross_attn for layer in qformer.layers if layer.cross_attn is not None)
+    for projection in (cross.query, cross.key):
+        projection.weight.copy_(torch.eye(dim) * sharpness)
+        projection.bias.zero_()
 
 
 def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], held_tokens: torch.Tensor,

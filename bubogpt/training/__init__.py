@@ -7,13 +7,11 @@ Ray Train).
     optim.py     AdamW groups and the warm-up + cosine schedule (shared with grounding training)
     data.py      RatioMixer, collate (decoded rows -> ModelBatch), generation_batch
     prompts.py   row_prompt (a row -> its prompt, for training, evaluation and samples), instructions
-    tiny.py      the tiny preset's starting model (build_tiny_model, init_spatial_prior)
 """
 
 from bubogpt.training.config import (
     PROMPT_STYLES,
     STAGE_ORDER,
-    TINY_ONLY_STAGES,
     LoraSettings,
     TrainConfig,
     TrainConfigError,
@@ -45,14 +43,13 @@ from bubogpt.training.prompts import (
 )
 from bubogpt.training.recipe import Callbacks, Worker, apply_lora, configure_trainable, train, train_stage
 from bubogpt.training.stepper import Resume, Stepper, TorchStepper
-from bubogpt.training.tiny import build_tiny_model, init_spatial_prior
 
 __all__ = [
     "CollateError", "Callbacks", "DATASET_MODALITIES", "EVAL_INSTRUCTIONS", "INSTRUCTIONS", "LoraSettings",
     "ModelBatch", "PROMPT_STYLES", "RatioMixer", "Resume", "SHARED_INSTRUCTION_SETS", "SOUND_SOURCE_INSTRUCTIONS",
-    "STAGE_ORDER", "Stepper", "TINY_ONLY_STAGES", "TorchStepper", "TrainConfig", "TrainConfigError", "Worker",
-    "apply_lora", "build_optimizer", "build_scheduler", "build_tiny_model", "collate", "configure_trainable",
-    "count_target_tokens", "fixed_instruction", "flatten", "generation_batch", "init_spatial_prior",
+    "STAGE_ORDER", "Stepper", "TorchStepper", "TrainConfig", "TrainConfigError", "Worker",
+    "apply_lora", "build_optimizer", "build_scheduler", "collate", "configure_trainable",
+    "count_target_tokens", "fixed_instruction", "flatten", "generation_batch",
     "learning_rate", "load_overrides", "mixes_modalities", "parameter_groups", "pick_instruction",
     "resolve_stages", "row_prompt", "stage_configs", "train", "train_stage", "warmup_cosine", "with_job_overrides",
 ]  # fmt: skip

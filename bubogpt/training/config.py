@@ -1,22 +1,18 @@
 """The stages of BuboGPT's recipe and their hyper-parameters: `TrainConfig`, the presets' values
 (`stage_configs`), which stages a job runs (`resolve_stages`) and overrides from a file or flags.
 
-Stages (in the order `--stage all` runs them):
+Stages (in the order `--stage all` runs them), the same two at every size:
 
-    lm_warmup     tiny only. The tiny preset has no pretrained Vicuna: language-model the tiny LLM on
-                  the corpus text (instruction + answer, in the stage-2 template, no media).
-    vision_align  tiny only. The tiny preset has no pretrained BLIP-2 / MiniGPT-4: train the vision
-                  encoder, the vision Q-Former, the vision projection and the LLM on image captions and
-                  image QA (what the real recipe receives pretrained).
-    stage1        audio alignment (reference): audio Q-Former + audio projection on audio captions,
-                  no instruction: `[BOS] + audio tokens + caption + end_sym`.
-    stage2        multimodal instruction tuning (reference): both projections on image captions,
-                  image QA, detailed audio captions, sound localisation and negative image-audio
-                  pairs, in the `###Human: ... ###Assistant: ` template.
+    stage1        audio alignment: audio Q-Former + audio projection on audio captions, no
+                  instruction: `[BOS] + audio tokens + caption + end_sym`.
+    stage2        multimodal instruction tuning: both projections (tiny: + LoRA on the LLM) on image
+                  captions, image QA, detailed audio captions, sound localisation and negative
+                  image-audio pairs, in the served chat template (prompt style "chat").
 
-`stage_configs(preset)` gives the reference values (7b/13b) or the tiny recipe. Flags that train
-more than the reference (`train_vision_encoder`, `train_audio_encoder`, `train_llm`) exist for the
-tiny preset only and are off for 7b/13b.
+`stage_configs(preset)` gives the reference values (7b/13b) or the tiny recipe, which starts from the
+shipped pretrained tiny components as the reference starts from ImageBind, BLIP-2 and Vicuna. Flags
+that train more than the reference (`train_vision_encoder`, `train_audio_encoder`, `train_llm`) are
+tiny-preset experiments, off in every preset's recipe and refused for 7b/13b.
 """
 
 from __future__ import annotations
@@ -28,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("lm_warmup", "vision_align", "stage1", "stage2")
-TINY_ONLY_STAGES = ("lm_warmup", "vision_align")
+STAGE_ORDER = ("stage1", "stage2")
 
 # How a stage turns a record into (prompt, target).
-PROMPT_STYLES = ("text", "caption", "instruction")
+PROMPT_STYLES = ("caption", "instruction", "chat")
 
 # Sample ratios of the reference recipe (BUBOGPT_REFERENCE.md, "Training recipe"). WavCaps' four
 # subsets (BBC 31, AudioSet-SL 108, SoundBible 2, FreeSound 262) are one `wavcaps` dataset here.
@@ -85,7 +80,8 @@ class TrainConfig:
     precision: str = "fp16"  # autocast dtype on GPU: fp16 | bf16 | fp32; CPU always runs fp32
     train_qformers: bool = False  # stage2 option: unfreeze both Q-Formers
     lora: LoraSettings | None = None  # LoRA on the LLM (stage2 option)
-    # Tiny preset only: also train what the real recipe receives pretrained.
+    # Tiny-preset experiments (no recipe sets them; refused for 7b/13b): also train what the
+    # recipe keeps frozen.
     train_vision_encoder: bool = False
     train_audio_encoder: bool = False
     train_llm: bool = False
@@ -161,6 +157,10 @@ def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
     load in bf16 here (`BuboGPTConfig.frozen_dtype`), and bf16 autocast computes in their own dtype
     instead of casting each bf16 weight to fp16, needs no loss scaling, and cannot overflow fp16's
     range. On GPUs without bf16, set `precision: fp16` and `frozen_dtype: float16`.
+
+    Stage 2's prompts are the served chat template ("chat": the system sentence, then
+    `###Human: ...###Assistant:`), not the reference's `###Human: ... ###Assistant: ` without it: the
+    reference trains in one template and chats in the other; here the model is trained as it is asked.
     """
     thirteen = preset == "13b"
     return {
@@ -170,7 +170,7 @@ def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
             max_txt_len=128, schedule="lavis", precision="bf16", log_every=50, checkpoint_every=5000,
         ),
         "stage2": TrainConfig(
-            stage="stage2", datasets=dict(STAGE2_RATIOS_13B if thirteen else STAGE2_RATIOS), prompt_style="instruction",
+            stage="stage2", datasets=dict(STAGE2_RATIOS_13B if thirteen else STAGE2_RATIOS), prompt_style="chat",
             batch_size=10 if thirteen else 12, lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=5000,
             max_steps=10 * 5000, max_txt_len=160 if thirteen else 196, schedule="lavis", precision="bf16",
             log_every=50, checkpoint_every=5000,
@@ -179,43 +179,27 @@ def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
 
 
 def tiny_stage_configs() -> dict[str, TrainConfig]:
-    """The quickstart recipe of the tiny preset: all stages within 15 minutes on 2 CPU cores
-    (measured on the medium corpus: 14.8 min with Ray start-up, on 2 cores shared with other jobs
-    at load average 5-17; results in benchmarks/train_quickstart.md).
-
-    Nothing of the tiny model is pretrained, so the two tiny-only stages come first, and stage 1/2
-    also train the encoders' and the LLM's stand-ins where the real model brings them trained; the
-    starting model has the spatial prior of `init_spatial_prior`. Learning rates are ~10-30x the
-    reference: tiny randomly initialised modules, few steps.
+    """The paper's two stages at tiny size, on the shipped pretrained tiny components
+    (`pretraining.assets.load_pretrained_tiny`: frozen encoders, the vision Q-Former and projection
+    pre-aligned to the frozen tiny LLM, as MiniGPT-4's are to Vicuna). Stage 1 trains the audio
+    Q-Former and projection; stage 2 the projections and LoRA on the LLM (the tiny LLM has not seen
+    the chat template, nor media tokens from the audio side). Learning rates are ~10x the
+    reference's: small modules, few steps. Timings and scores: benchmarks/train_quickstart.md.
     """
-    image_sets = {"cc_sbu_align": 1.0, "llava_instruct": 3.0}
-    every_set = {"wavcaps": 2.0, "cc_sbu_align": 1.0, "llava_instruct": 2.0, "clotho": 1.0, "vggss": 1.0, "negative_pairs": 1.0}
     # Stage 2 keeps the reference's datasets; the ratios are flattened so that the small localisation
     # and negative sets are seen often enough in a few hundred steps (reference: 3/150/4/5/3).
     stage2_sets = {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 2.0, "negative_pairs": 2.0}
     return {
-        "lm_warmup": TrainConfig(
-            stage="lm_warmup", datasets=every_set, prompt_style="text", batch_size=32,
-            lr=3e-3, min_lr=3e-4, warmup_start_lr=1e-5, warmup_steps=10, max_steps=150,
-            max_txt_len=160, grad_clip=1.0, train_llm=True, log_every=10, checkpoint_every=75,
-        ),
-        "vision_align": TrainConfig(
-            stage="vision_align", datasets=image_sets, prompt_style="instruction", batch_size=16,
-            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=50, max_steps=1000,
-            max_txt_len=96, grad_clip=1.0, train_vision_encoder=True, train_llm=True,
-            use_precomputed_tokens=False, log_every=25, checkpoint_every=250,
-        ),
         "stage1": TrainConfig(
             stage="stage1", datasets=dict(STAGE1_RATIOS), prompt_style="caption", batch_size=16,
             lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=20, max_steps=300,
-            max_txt_len=64, grad_clip=1.0, train_audio_encoder=True, use_precomputed_tokens=False,
-            log_every=25, checkpoint_every=150,
+            max_txt_len=64, grad_clip=1.0, log_every=25, checkpoint_every=150,
         ),
         "stage2": TrainConfig(
-            stage="stage2", datasets=stage2_sets, prompt_style="instruction", batch_size=16,
-            lr=5e-4, min_lr=5e-5, warmup_start_lr=1e-5, warmup_steps=40, max_steps=900,
-            max_txt_len=96, grad_clip=1.0, train_qformers=True, train_llm=True,
-            use_precomputed_tokens=False, log_every=25, checkpoint_every=300,
+            stage="stage2", datasets=stage2_sets, prompt_style="chat", batch_size=16,
+            lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=40, max_steps=600,
+            max_txt_len=96, grad_clip=1.0, lora=LoraSettings(r=16, alpha=32, dropout=0.0,
+            target_modules=("q_proj", "k_proj", "v_proj", "o_proj")), log_every=25, checkpoint_every=300,
         ),
     }  # fmt: skip
 
@@ -240,8 +224,7 @@ def resolve_stages(preset: str, stage: str, overrides: Mapping[str, Mapping[str,
     names = list(configs) if stage == "all" else [n.strip() for n in stage.split(",")]
     for name in names:
         if name not in configs:
-            hint = " (tiny-only stage)" if name in TINY_ONLY_STAGES else ""
-            raise TrainConfigError(f"preset {preset} has no stage {name!r}{hint}; expected one of {sorted(configs)} or 'all'")
+            raise TrainConfigError(f"preset {preset} has no stage {name!r}; expected one of {sorted(configs)} or 'all'")
     names = [n for n in configs if n in names]  # always in recipe order
     resolved = [configs[n].with_overrides(overrides.get(n, {})) for n in names]
     if preset != "tiny":

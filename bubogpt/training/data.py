@@ -129,9 +129,8 @@ def collate(
 
     A row holds `dataset`, `instruction`, `answer` and tensors (or None) `pixel_values` (3, S, S),
     `fbank` (clips, 1, mels, frames) and optionally `vision_tokens` / `audio_tokens` (T, D).
-    Each row's prompt is `row_prompt` in `prompt_style`; "text" rows get no prompt and the whole
-    text as their target (no media). The instruction is `instruction_for(row)`, by default one
-    picked at random with `rng` (training).
+    Each row's prompt is `row_prompt` in `prompt_style`. The instruction is `instruction_for(row)`,
+    by default one picked at random with `rng` (training).
     """
     if not rows:
         raise CollateError("empty batch")
@@ -147,12 +146,8 @@ def collate(
     media: dict[str, list[torch.Tensor]] = {"image": [], "audio": [], "vision_tokens": [], "audio_tokens": []}
     for row in rows:
         datasets.append(row["dataset"])
-        if prompt_style == "text":
-            prompts.append([])
-            targets.append("".join(row_prompt(row, "text", instruction(row))) + row["answer"])
-            continue
         # The caption style asks nothing: no instruction is drawn (the rng stays where it is).
-        prompts.append(row_prompt(row, prompt_style, instruction(row) if prompt_style == "instruction" else ""))
+        prompts.append(row_prompt(row, prompt_style, instruction(row) if prompt_style != "caption" else ""))
         targets.append(row["answer"])
         modalities = row_modalities(row)
         if "vision" in modalities:
@@ -174,12 +169,9 @@ def collate(
     return batch
 
 
-def generation_batch(rows: Sequence[Mapping[str, Any]], prompt_style: str = "instruction") -> ModelBatch:
+def generation_batch(rows: Sequence[Mapping[str, Any]], prompt_style: str = "chat") -> ModelBatch:
     """Prompts to generate from (evaluation, sample generations): every row asked the fixed way of
-    its dataset (`fixed_instruction`); "text" prompts are the template without media or answer."""
-    if prompt_style == "text":
-        prompts = [row_prompt(row, "text", fixed_instruction(row)) for row in rows]
-        return ModelBatch(prompts, [""] * len(rows), datasets=[row["dataset"] for row in rows])
+    its dataset (`fixed_instruction`)."""
     return collate(rows, prompt_style, None, instruction_for=fixed_instruction)
 
 

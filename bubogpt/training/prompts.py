@@ -2,10 +2,13 @@
 sample generations -- and the instructions it is asked with (our own phrasings; the reference's
 prompt files are not copied).
 
-    row_prompt(row, "text", instruction)         `###Human: {instruction} ###Assistant: ` (no media;
-                                                 lm_warmup trains on this + the answer)
     row_prompt(row, "caption", instruction)      the row's modality slots only (stage 1)
     row_prompt(row, "instruction", instruction)  `###Human: {markup} {instruction} ###Assistant: `
+                                                 (the reference's stage-2 training template)
+    row_prompt(row, "chat", instruction)         the same turn in the served chat template (Serve's
+                                                 `Conversation`: the system sentence, then
+                                                 `###Human: {markup} {instruction}###Assistant:`);
+                                                 stage 2 trains in it, evaluation asks in it
 
 Training picks the instruction per row at random (`pick_instruction`); evaluation and sample
 generations ask every row of a dataset the same way (`fixed_instruction`).
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bubogpt.conversation import Segment, caption_prompt, instruction_prompt
+from bubogpt.conversation import Conversation, Segment, caption_prompt, instruction_prompt
 from bubogpt.training.config import PROMPT_STYLES, TrainConfigError
 
 IMAGE_CAPTION_INSTRUCTIONS = (
@@ -111,11 +114,19 @@ def row_prompt(row: Mapping[str, Any], prompt_style: str, instruction: str = "")
     """The prompt of a decoded row in a stage's prompt style (see the module docstring)."""
     if prompt_style not in PROMPT_STYLES:
         raise CollateError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
-    if prompt_style == "text":
-        return instruction_prompt((), instruction)
     modalities = row_modalities(row)
     if not modalities:
         raise CollateError(f"row {row.get('id')!r} of {row['dataset']} has neither image nor audio")
     if prompt_style == "caption":
         return caption_prompt(modalities)
+    if prompt_style == "chat":
+        return chat_prompt(modalities, instruction)
     return instruction_prompt(modalities, instruction)
+
+
+def chat_prompt(modalities: list[str], instruction: str) -> list[Segment]:
+    """One user turn as Serve renders it (`serve.protocol.ChatRequest.conversation`: the default
+    `Conversation`), ending with `Assistant:` for the answer to follow."""
+    conversation = Conversation()
+    conversation.add_user(instruction, modalities)
+    return conversation.render()

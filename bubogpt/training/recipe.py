@@ -69,12 +69,8 @@ def configure_trainable(model: nn.Module, config: TrainConfig) -> list[str]:
 
     With `config.lora`, call `apply_lora` first: the LoRA weights are then the LLM's trainable part.
     """
-    if config.stage == "lm_warmup":
-        prefixes: tuple[str, ...] = ("llm.",)
-    elif config.stage == "vision_align":
-        prefixes = ("joiner.qformers.vision.", "joiner.projections.vision.")
-    elif config.stage == "stage1":
-        prefixes = ("joiner.qformers.audio.", "joiner.projections.audio.")
+    if config.stage == "stage1":
+        prefixes: tuple[str, ...] = ("joiner.qformers.audio.", "joiner.projections.audio.")
     else:  # stage2
         prefixes = ("joiner.projections.",)
     if config.train_qformers and config.stage == "stage2":
@@ -166,7 +162,6 @@ def train_stage(
     autocast = autocast_for(worker.device, config.precision)
     mixer = RatioMixer(config.datasets, config.seed)
     use_tokens = config.use_precomputed_tokens and use_precomputed_tokens
-    text_only = config.prompt_style == "text"
     # Caption-style targets (stage 1) end with the model's stage-1 end symbol ("\n" for 7b/13b:
     # mm_gpt4.py:68, :275), instruction answers with its chat end symbol ("###").
     end_sym = {"end_sym": model.config.stage1_end_sym} if config.prompt_style == "caption" else {}
@@ -194,7 +189,7 @@ def train_stage(
         step_loss, samples, tokens = 0.0, 0, 0
         for micro in range(config.grad_accum_steps):
             dataset = mixer.choose(step, micro)
-            rows = streams[dataset].next_rows(decode=not text_only)
+            rows = streams[dataset].next_rows()
             if callbacks.batch_taken:
                 callbacks.batch_taken(config.stage, step + 1, dataset, [str(row.get("id")) for row in rows])
             batch = collate(rows, config.prompt_style, rng, use_tokens).to(worker.device)
