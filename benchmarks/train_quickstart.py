@@ -1,14 +1,14 @@
-"""Issue #4's must-show runs: the tiny quickstart training and the negative-pair ablation.
+"""The quickstart as a user runs it, timed, and the negative-pair ablation (issues 4 and 16).
 
-    python benchmarks/train_quickstart.py [--workdir DIR] [--corpus DIR] [--prepared DIR]
+    python benchmarks/train_quickstart.py [--workdir DIR] [--seed N]
 
-1. synthesise the "medium" corpus (seed 0) and prepare it (`bubogpt data prepare`), unless given;
-2. `bubogpt train --stage all --preset tiny` -- every stage of the tiny recipe, timed (wall clock,
-   Ray start-up included) -- and its evaluation on the held-out splits;
-3. the ablation: the same stage 2, from the same stage-1 checkpoint, without negative pairs
-   (`--config` drops `negative_pairs` from stage 2's datasets), evaluated the same way;
-4. `bubogpt eval --compare`: both side by side; everything is written to
-   benchmarks/results/train_quickstart_<date>.json (per-stage loss curves included).
+1. `bubogpt quickstart --workdir DIR/quickstart --seed N` in a fresh process, timed end to end
+   (its own Ray and MLflow, the medium corpus of seed N, Ray Data preparation, both stages on the
+   shipped pretrained tiny components, evaluation, Ray Serve, the demo requests), then `--stop`;
+2. the ablation: the same stage 2, from the quickstart's stage-1 checkpoint, without negative pairs
+   (`--config` drops `negative_pairs` from stage 2's datasets);
+3. `bubogpt eval --compare`: both side by side; everything is written to
+   benchmarks/results/train_quickstart_<date>_seed<N>.json (per-stage loss curves included).
 
 The machine's load is recorded before and after: on a shared machine the minutes are noisy.
 """
@@ -20,6 +20,8 @@ import datetime
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,49 +54,47 @@ def loss_curves(out_dir: Path) -> dict[str, list]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("work/train_quickstart"))
-    parser.add_argument("--corpus", type=Path, help="an existing synthetic corpus (default: synthesise 'medium')")
-    parser.add_argument("--prepared", type=Path, help="an existing prepared corpus")
+    parser.add_argument("--seed", type=int, default=0, help="the corpus seed (the demo's: 0)")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    record: dict = {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                    "cpus": os.cpu_count(), "load_before": os.getloadavg()}  # fmt: skip
+    record: dict = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "seed": args.seed,
+                    "cpus": os.cpu_count(), "load_before": os.getloadavg(),
+                    "command": " ".join(["python", "benchmarks/train_quickstart.py", *sys.argv[1:]])}  # fmt: skip
 
-    prepared = args.prepared
-    if prepared is None:
-        corpus = args.corpus or work / "corpus"
-        if not (corpus / "corpus.json").is_file():
-            run(["data", "synth", "--out", str(corpus), "--size", "medium", "--seed", "0"])
-        prepared = work / "prepared"
-        if not (prepared / "manifest.json").is_file():
-            record["prepare_minutes"] = run(["data", "prepare", "--input", str(corpus), "--out", str(prepared)])
+    quick = work / "quickstart"
+    command = [sys.executable, "-m", "workflows.cli", "quickstart", "--workdir", str(quick), "--seed", str(args.seed)]
+    started = time.time()
+    with open(work / "quickstart.log", "w") as log:  # its terminal output, for the per-stage minutes
+        subprocess.run(command, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+    record["quickstart_minutes"] = (time.time() - started) / 60
+    output = (work / "quickstart.log").read_text()
+    record["stage_minutes"] = {stage: float(minutes) for stage, minutes in
+                               re.findall(r"\[bubogpt train\] (\w+): finished \d+ steps in ([\d.]+) min", output)}  # fmt: skip
+    subprocess.run(command[:5] + ["--stop"], cwd=REPO, check=True)
+    record["quickstart_eval"] = json.loads((quick / "eval.json").read_text())
+    record["quickstart_requests"] = json.loads((quick / "requests.json").read_text())
 
-    full, ablation = work / "full", work / "ablation"
-    record["train_minutes_with_eval"] = run(
-        ["train", "--data", str(prepared), "--out", str(full), "--stage", "all", "--preset", "tiny"]
-    )
-    stage1_end = Path(json.loads((full / "stages.json").read_text())["stage1"])
+    prepared, ablation = quick / "prepared", work / "ablation"
+    stage1_end = json.loads((quick / "stages.json").read_text())["stage1"]
     config = work / "no_negatives.json"
     config.write_text(json.dumps(NO_NEGATIVES))
     record["ablation_minutes_with_eval"] = run([
         "train", "--data", str(prepared), "--out", str(ablation), "--stage", "stage2", "--preset", "tiny",
-        "--init", str(stage1_end / "model"), "--config", str(config),
+        "--init", f"{stage1_end}/model", "--config", str(config), "--seed", str(args.seed),
     ])  # fmt: skip
     compare = work / "compare.json"
-    run(["eval", "--model", str(full / "model"), "--compare", str(ablation / "model"), "--data", str(prepared),
+    run(["eval", "--model", str(quick / "model"), "--compare", str(ablation / "model"), "--data", str(prepared),
          "--json", str(compare)])  # fmt: skip
 
     results = json.loads(compare.read_text())
     record["load_after"] = os.getloadavg()
     record["full"] = {"metrics": results["model"]["metrics"], "counts": results["model"]["counts"],
-                      "targets_met": results["model"]["targets_met"], "loss_curves": loss_curves(full)}  # fmt: skip
+                      "targets_met": results["model"]["targets_met"], "loss_curves": loss_curves(quick)}  # fmt: skip
     record["ablation_without_negative_pairs"] = {"metrics": results["compare"]["metrics"],
                                                  "counts": results["compare"]["counts"],
                                                  "loss_curves": loss_curves(ablation)}  # fmt: skip
-    for name in ("full", "ablation"):
-        log = json.loads(((full if name == "full" else ablation) / "run.json").read_text())
-        record.setdefault("mlflow", {})[name] = log
-    out = REPO / "benchmarks" / "results" / f"train_quickstart_{record['date']}.json"
+    out = REPO / "benchmarks" / "results" / f"train_quickstart_{record['date']}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

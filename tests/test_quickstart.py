@@ -1,10 +1,12 @@
 """The README's first command (`bubogpt quickstart`), on its real code path: its own `ray start`
 cluster and MLflow server, corpus, Ray Data, Ray Train, evaluation, Ray Serve, one request per input
-combination. Run as the user runs it (a subprocess of the `bubogpt` CLI), with the smallest corpus
-and capped training steps for time; then run again (completed steps are reused) and stopped."""
+combination. Run as the user runs it (a subprocess of the `bubogpt` CLI): the full recipe on the
+default (medium) corpus, of another seed than the demo's; then run again (completed steps are
+reused), asked about photos and sounds the project did not make, and stopped."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,7 +23,11 @@ from bubogpt.data import vocab
 from tests.serve_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--size", "tiny", "--max-steps", "6", "--eval-limit", "4", "--num-cpus", "4"]
+QUICK = ["--seed", "1", "--num-cpus", "4"]  # the demo's corpus is seed 0
+# The targets of issue 16 that the quickstart's model meets (eval.json "targets_met"; the others --
+# colour, kind, position, localisation, unrelated, false alarms -- are not met yet: see
+# benchmarks/train_quickstart.md).
+MET_TARGETS = ("sound_kind", "image_qa_count", "modality_hallucination_rate")
 COMBINATIONS = ["image", "audio", "image+matched-audio", "image+unrelated-audio"]
 
 
@@ -57,7 +63,10 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     # The trained model, the evaluation, and one answered request per input combination.
     assert (workdir / "model" / "bubogpt_config.json").is_file()
     evaluation = json.loads((workdir / "eval.json").read_text())
-    assert any(isinstance(v, (int, float)) for v in evaluation["metrics"].values()), evaluation
+    print(json.dumps({m: (evaluation["metrics"][m], evaluation["counts"][m]) for m in evaluation["metrics"]}, indent=1))
+    for metric in MET_TARGETS:
+        assert evaluation["targets_met"][metric], (metric, evaluation["metrics"][metric], evaluation["counts"][metric])
+    assert evaluation["counts"]["modality_hallucination_rate"]["total"] >= 200  # image-only + audio-only rows
     # Image-only, audio-only answers counted for modality hallucination; chance next to the scores.
     parts = ("modality_hallucination_rate", "modality_hallucination_image_only", "modality_hallucination_audio_only")
     assert set(parts) <= set(evaluation["metrics"]), evaluation["metrics"]
@@ -81,7 +90,7 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     for step in range(1, 8):
         assert f"{step}/7" in out
     for stage in ("stage1", "stage2"):
-        assert out.count(f"[bubogpt train] {stage}: finished 6 steps") == 1, stage  # each line once
+        assert len(re.findall(rf"\[bubogpt train\] {stage}: finished \d+ steps", out)) == 1, stage  # each line once
     assert out.count("[bubogpt train] all stages finished") == 1
     # Ray's own warnings from its workers stay in Ray's logs, off the terminal (the placement-group
     # cleaner warns every few seconds while the dashboard is off).
@@ -119,6 +128,108 @@ def test_services_stay_up_with_the_runs_recorded(two_runs):
     assert {r.data.tags["mlflow.parentRunId"] for r in children} <= {r.info.run_id for r in parents}
     assert any(k.startswith("loss") for r in children for k in r.data.metrics), [r.data.metrics for r in children]
     assert client.search_model_versions("name='bubogpt-tiny'"), "no registered model version"
+
+
+# --- inputs the project did not make (issue 16, item 5) ---------------------------------------------
+
+
+def photos_made_elsewhere() -> dict[str, bytes]:
+    """Real photographs other projects ship (matplotlib's and scikit-learn's sample images) and a
+    chart matplotlib draws now: nothing like the corpus's flat shapes on plain backgrounds."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import cbook
+    from sklearn.datasets import load_sample_image
+
+    photos = {"grace_hopper.jpg": cbook.get_sample_data("grace_hopper.jpg").read()}
+    for name in ("china.jpg", "flower.jpg"):
+        encoded = io.BytesIO()
+        Image.fromarray(load_sample_image(name)).save(encoded, format="JPEG", quality=90)
+        photos[name] = encoded.getvalue()
+    figure, axes = plt.subplots(figsize=(4, 3), dpi=80)
+    axes.bar(["2019", "2020", "2021", "2022"], [3, 7, 2, 5], color="tab:orange")
+    axes.set_title("sales")
+    chart = io.BytesIO()
+    figure.savefig(chart, format="png")
+    plt.close(figure)
+    photos["bar_chart.png"] = chart.getvalue()
+    return photos
+
+
+def sounds_made_elsewhere() -> dict[str, bytes]:
+    """Sounds scipy makes now (a stereo float WAV, an 8-bit WAV at 8 kHz, an Ogg file through
+    soundfile), none of the corpus's kinds: a plucked-string melody, a drum loop, pink noise."""
+    import io
+
+    import numpy as np
+    import soundfile
+    from scipy import signal
+    from scipy.io import wavfile
+
+    rate, rng = 22050, np.random.default_rng(3)
+    t = np.arange(int(rate * 3.0)) / rate
+    melody = np.zeros_like(t)
+    for i, freq in enumerate((262, 330, 392, 523, 392, 330)):  # plucked notes: decaying harmonics
+        start = int(i * 0.5 * rate)
+        n = len(t) - start
+        envelope = np.exp(-6 * t[:n])
+        melody[start:] += envelope * sum(np.sin(2 * np.pi * freq * k * t[:n]) / k for k in (1, 2, 3))
+    drums = np.zeros_like(t)
+    for beat in np.arange(0, 3.0, 0.25):
+        start = int(beat * rate)
+        n = min(int(0.12 * rate), len(t) - start)
+        kick = np.sin(2 * np.pi * np.linspace(120, 40, n) * t[:n]) * np.exp(-30 * t[:n])
+        drums[start:start + n] += kick + 0.3 * rng.standard_normal(n) * np.exp(-60 * t[:n])
+    white = rng.standard_normal(len(t))
+    pink = signal.lfilter([0.049922035, -0.095993537, 0.050612699, -0.004408786], [1, -2.494956002, 2.017265875, -0.522189400], white)
+
+    def wav(samples, sample_rate, dtype):
+        encoded = io.BytesIO()
+        samples = samples / np.abs(samples).max()
+        if dtype == "uint8":
+            samples = ((samples * 0.8 + 1) * 127.5).astype(np.uint8)
+        wavfile.write(encoded, sample_rate, samples.astype(dtype) if dtype != "uint8" else samples)
+        return encoded.getvalue()
+
+    ogg = io.BytesIO()
+    soundfile.write(ogg, (pink / np.abs(pink).max() * 0.8).astype(np.float32), rate, format="OGG")
+    return {
+        "melody_stereo_float.wav": wav(np.stack([melody, 0.7 * melody], axis=1), rate, "float32"),
+        "drums_8bit_8khz.wav": wav(signal.resample_poly(drums, 8000, rate), 8000, "uint8"),
+        "pink_noise.ogg": ogg.getvalue(),
+    }
+
+
+def test_unseen_photos_and_sounds_are_never_described_as_the_other_medium(two_runs):
+    """The served quickstart model, asked about one medium it has never seen the like of, talks
+    about that medium only: no sound in an answer about a photo, no picture in one about a sound
+    (the evaluation's words, `talks_about_sound` / `describes_image`). It may get the content wrong."""
+    from bubogpt.evaluation import describes_image, talks_about_sound
+
+    port = two_runs[1]
+    url = f"http://127.0.0.1:{port}/v1/chat"
+    asked = []
+    for name, data in photos_made_elsewhere().items():
+        for question in ("Describe this image.", "What can you see in this picture?"):
+            asked.append((name, question, {"image": base64.b64encode(data).decode()}, talks_about_sound))
+    for name, data in sounds_made_elsewhere().items():
+        for question in ("What do you hear?", "Describe the sound you hear."):
+            asked.append((name, question, {"audio": base64.b64encode(data).decode()}, describes_image))
+    wrong = []
+    for name, question, media, other_medium in asked:
+        body = {"message": question, **media, "max_new_tokens": 60, "temperature": 0}
+        reply = requests.post(url, json=body, timeout=300)
+        assert reply.status_code == 200, (name, reply.text)
+        answer = reply.json()["answer"]
+        print(f"{name} | {question} | {answer}")
+        assert len(answer.split()) >= 3, (name, question, answer)  # it answers (an empty reply proves nothing)
+        if other_medium(answer):
+            wrong.append((name, question, answer))
+    assert not wrong, wrong
 
 
 def test_second_run_reuses_completed_steps(two_runs):
