@@ -71,7 +71,7 @@ def main() -> int:
     output = (work / "quickstart.log").read_text()
     record["stage_minutes"] = {stage: float(minutes) for stage, minutes in
                                re.findall(r"\[bubogpt train\] (\w+): finished \d+ steps in ([\d.]+) min", output)}  # fmt: skip
-    subprocess.run(command[:5] + ["--stop"], cwd=REPO, check=True)
+    subprocess.run(command[:6] + ["--stop"], cwd=REPO, check=True)
     record["quickstart_eval"] = json.loads((quick / "eval.json").read_text())
     record["quickstart_requests"] = json.loads((quick / "requests.json").read_text())
 
