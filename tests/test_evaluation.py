@@ -1,5 +1,7 @@
 """Scoring of generated answers from the ground truth (bubogpt/evaluation.py)."""
 
+import inspect
+
 import pytest
 
 from bubogpt.data import vocab
@@ -185,13 +187,14 @@ def test_the_evaluator_and_stage_2_ask_as_serve_renders_a_request():
     # The demo's failure (issue 16): a model trained in one template and served in another (the chat
     # template's system sentence names an image and an audio) described media it was not given.
     from serve.protocol import ChatRequest, Message
-    from workflows.evaluate import chat_prompt
+    from workflows.evaluate import generate_answers
 
     rows = [({"dataset": "cc_sbu_align", "instruction": "", "pixel_values": object()}, ("vision",)),
             ({"dataset": "clotho", "instruction": "", "fbank": object()}, ("audio",)),
             ({"dataset": "vggss", "instruction": "", "pixel_values": object(), "fbank": object()}, ("vision", "audio"))]
     for row, modalities in rows:
         served = ChatRequest(messages=[Message("user", fixed_instruction(row), modalities)]).conversation().render()
-        assert chat_prompt(row) == served
+        assert row_prompt(row, "chat", fixed_instruction(row)) == served
         assert row_prompt(row, stage_configs("tiny")["stage2"].prompt_style, fixed_instruction(row)) == served
         assert row_prompt(row, stage_configs("7b")["stage2"].prompt_style, fixed_instruction(row)) == served
+    assert inspect.signature(generate_answers).parameters["prompt_style"].default == "chat"  # what eval asks in

@@ -29,7 +29,6 @@ import torch
 
 from bubogpt.evaluation import CHANCE, EvalReport, format_table, meets_target
 from bubogpt.training import EVAL_INSTRUCTIONS, TrainConfig, fixed_instruction, generation_batch
-from bubogpt.training.prompts import row_prompt
 from workflows.data.prepared import decode_row_tensors, read_manifest, read_split, shard_paths
 from workflows.options import EvalOptions
 
@@ -46,11 +45,6 @@ def generate_answers(model, rows: list[dict[str, Any]], manifest: dict, prompt_s
     batch = generation_batch(decoded, prompt_style).to(device)
     return model.generate(batch.prompts, image=batch.image, audio=batch.audio, max_new_tokens=max_new_tokens,
                           do_sample=False, num_beams=1)  # fmt: skip
-
-
-def chat_prompt(row: dict[str, Any]) -> list:
-    """A one-turn request of the row's fixed instruction and media, as Serve renders it."""
-    return row_prompt(row, "chat", fixed_instruction(row))
 
 
 class Evaluator:
