@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from bubogpt.checkpoints.native import load_model
-from bubogpt.checkpoints.training_state import is_complete, read_model, read_state
+from bubogpt.checkpoints.training_state import LORA_DIR, is_complete, read_model, read_state
 from bubogpt.training import stage_configs
 from workflows.cli import parse
 from workflows.run_storage import RunStorage, local_folder
@@ -195,14 +195,18 @@ def test_exported_model_is_the_last_stage_end_with_every_weight(trained_tiny_mod
     for stage, folder in ends.items():
         assert read_state(folder).step == trained_tiny_model.steps
     exported = load_model(trained_tiny_model.model_dir)
-    last = read_model(ends["stage2"] / "model")
+    # The tiny stage 2 trains LoRA on the LLM: its checkpoint keeps the adapter apart, the export merges it.
+    assert (ends["stage2"] / "model" / LORA_DIR).is_dir() and not (trained_tiny_model.model_dir / LORA_DIR).exists()
+    last = read_model(ends["stage2"] / "model", trainable_lora=False)
+    last.llm = last.llm.merge_and_unload()
     a, b = exported.state_dict(), last.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # Stage 2 started from stage 1's end: the audio Q-Former (frozen in the reference's stage 2, but
-    # trained here in the tiny recipe) and the audio encoder carry stage 1's training, not init's.
     init = load_model(trained_tiny_model.out_dir / "init").state_dict()
+    assert not all(torch.equal(a[k], init[k]) for k in a if k.startswith("llm."))  # the merged adapter changed the LLM
+    # Stage 2 started from stage 1's end: the audio Q-Former (trained in stage 1, frozen in stage 2)
+    # carries stage 1's training, not init's.
     stage1 = read_model(ends["stage1"] / "model").state_dict()
-    key = "audio_encoder.patch_embed.weight"
+    key = "joiner.qformers.audio.query_tokens"
     assert not torch.equal(stage1[key], init[key]) and torch.equal(a[key], stage1[key])
 
 
@@ -295,16 +299,18 @@ def test_stages_run_as_separate_jobs_on_one_out(stage_jobs):
     }
     assert {stage for (stage, _) in trained_ids(out)[0]} == {"stage1", "stage2"}
     assert sum(1 for r in sample_log(out)[0] if r["stage"] == "stage1") == STEPS  # stage 1 ran once
-    # OUT/stages.json holds both jobs' stage ends; stage 2 started from stage 1's: the audio encoder
-    # (trained in the tiny stage 1, frozen in stage 2) is stage 1's at the end of stage 2, not init's.
+    # OUT/stages.json holds both jobs' stage ends; stage 2 started from stage 1's: the audio Q-Former
+    # (trained in stage 1, frozen in stage 2) is stage 1's at the end of stage 2, not init's.
     assert stage_ends(out) == {"stage1": first["stage1"], "stage2": second["stage2"]}
     init = load_model(out / "init").state_dict()
     stage1 = read_model(first["stage1"] / "model").state_dict()
-    stage2 = read_model(second["stage2"] / "model").state_dict()
-    key = "audio_encoder.patch_embed.weight"
+    stage2_model = read_model(second["stage2"] / "model", trainable_lora=False)
+    stage2_model.llm = stage2_model.llm.merge_and_unload()  # what the export does with stage 2's LoRA
+    stage2 = stage2_model.state_dict()
+    key = "joiner.qformers.audio.query_tokens"
     assert not torch.equal(stage1[key], init[key]) and torch.equal(stage2[key], stage1[key])
     exported = load_model(out / "model").state_dict()
-    assert all(torch.equal(exported[k], stage2[k]) for k in stage2)
+    assert exported.keys() == stage2.keys() and all(torch.equal(exported[k], stage2[k]) for k in stage2)
 
 
 def job_name_of(stages: str):
