@@ -21,7 +21,7 @@ from bubogpt.evaluation import (
     score_sound,
     talks_about_sound,
 )
-from bubogpt.training import fixed_instruction, stage_configs
+from bubogpt.training import SERVED_PROMPT_STYLE, fixed_instruction, stage_configs
 from bubogpt.training.prompts import row_prompt
 from workflows.evaluate import report_json
 
@@ -197,4 +197,4 @@ def test_the_evaluator_and_stage_2_ask_as_serve_renders_a_request():
         assert row_prompt(row, "chat", fixed_instruction(row)) == served
         assert row_prompt(row, stage_configs("tiny")["stage2"].prompt_style, fixed_instruction(row)) == served
         assert row_prompt(row, stage_configs("7b")["stage2"].prompt_style, fixed_instruction(row)) == served
-    assert inspect.signature(generate_answers).parameters["prompt_style"].default == "chat"  # what eval asks in
+    assert inspect.signature(generate_answers).parameters["prompt_style"].default == SERVED_PROMPT_STYLE == "chat"  # eval asks as users are served

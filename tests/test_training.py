@@ -575,7 +575,7 @@ class FixedStream:
     def __init__(self, rows):
         self.rows, self.calls = rows, 0
 
-    def next_rows(self, decode: bool = True):
+    def next_rows(self):
         self.calls += 1
         return self.rows
 
@@ -636,15 +636,15 @@ def test_local_stream_state_restores_the_exact_position():
     from workflows.streams import LocalStream
 
     table = pa.table({"id": list(range(7)), "dataset": ["clotho"] * 7})
-    first = LocalStream(table, 3, {}, seed=5)
-    taken = [[r["id"] for r in first.next_rows(decode=False)] for _ in range(4)]  # crosses an epoch
+    first = LocalStream(table, 3, {"shapes": {}}, seed=5)
+    taken = [[r["id"] for r in first.next_rows()] for _ in range(4)]  # crosses an epoch
     assert sorted(sum(taken[:2], []) + taken[2][:1]) == list(range(7))  # one epoch: every row once
     state = first.state()
     assert state == {"seed": 5, "epoch": 1, "position": 5}
-    ahead = [[r["id"] for r in first.next_rows(decode=False)] for _ in range(5)]
-    again = LocalStream(table, 3, {}, seed=0)
+    ahead = [[r["id"] for r in first.next_rows()] for _ in range(5)]
+    again = LocalStream(table, 3, {"shapes": {}}, seed=0)
     again.restore(state)
-    assert [[r["id"] for r in again.next_rows(decode=False)] for _ in range(5)] == ahead
+    assert [[r["id"] for r in again.next_rows()] for _ in range(5)] == ahead
 
 
 def test_atomic_directory_keeps_the_old_folder_when_a_write_fails(tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from bubogpt.evaluation import CHANCE, EvalReport, format_table, meets_target
-from bubogpt.training import EVAL_INSTRUCTIONS, TrainConfig, fixed_instruction, generation_batch
+from bubogpt.training import EVAL_INSTRUCTIONS, SERVED_PROMPT_STYLE, TrainConfig, fixed_instruction, generation_batch
 from workflows.data.prepared import decode_row_tensors, read_manifest, read_split, shard_paths
 from workflows.options import EvalOptions
 
@@ -37,7 +37,7 @@ MAX_NEW_TOKENS = 80
 BATCH_SIZE = 32
 
 
-def generate_answers(model, rows: list[dict[str, Any]], manifest: dict, prompt_style: str = "chat",
+def generate_answers(model, rows: list[dict[str, Any]], manifest: dict, prompt_style: str = SERVED_PROMPT_STYLE,
                      max_new_tokens: int = MAX_NEW_TOKENS, device: str | torch.device = "cpu") -> list[str]:  # fmt: skip
     """Greedy answers of `model` to prepared rows, asked the fixed way (`generation_batch`) in
     `prompt_style` (default: the served chat template)."""

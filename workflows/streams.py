@@ -71,7 +71,7 @@ class LocalStream:
         self.order, self.position = self.rng.permutation(self.table.num_rows), 0
         self.epoch += 1
 
-    def next_rows(self, decode: bool = True) -> list[dict[str, Any]]:
+    def next_rows(self) -> list[dict[str, Any]]:
         indices = []
         while len(indices) < min(self.batch_size, self.table.num_rows):
             if self.position >= len(self.order):
@@ -80,7 +80,7 @@ class LocalStream:
             indices.extend(take.tolist())
             self.position += len(take)
         rows = self.table.take(indices).to_pylist()
-        return _decoded(rows, self.manifest) if decode else rows
+        return _decoded(rows, self.manifest)
 
     def state(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
@@ -110,7 +110,7 @@ class ShardStream:
             local_shuffle_buffer_size=4 * self.batch_size, local_shuffle_seed=self.seed + self.epoch,
         ))  # fmt: skip
 
-    def next_rows(self, decode: bool = True) -> list[dict[str, Any]]:
+    def next_rows(self) -> list[dict[str, Any]]:
         for _ in range(2):
             if self._batches is None:
                 self._batches = self._open_epoch()
@@ -121,7 +121,7 @@ class ShardStream:
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
             self.position += 1
-            return _decoded(rows, self.manifest) if decode else rows
+            return _decoded(rows, self.manifest)
         raise StreamError(f"dataset {self.name}: this worker's shard has no rows (fewer rows than workers?)")
 
     def state(self) -> dict[str, int]:

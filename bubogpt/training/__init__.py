@@ -11,6 +11,7 @@ Ray Train).
 
 from bubogpt.training.config import (
     PROMPT_STYLES,
+    SERVED_PROMPT_STYLE,
     STAGE_ORDER,
     LoraSettings,
     TrainConfig,
@@ -46,7 +47,7 @@ from bubogpt.training.stepper import Resume, Stepper, TorchStepper
 
 __all__ = [
     "CollateError", "Callbacks", "DATASET_MODALITIES", "EVAL_INSTRUCTIONS", "INSTRUCTIONS", "LoraSettings",
-    "ModelBatch", "PROMPT_STYLES", "RatioMixer", "Resume", "SHARED_INSTRUCTION_SETS", "SOUND_SOURCE_INSTRUCTIONS",
+    "ModelBatch", "PROMPT_STYLES", "RatioMixer", "Resume", "SERVED_PROMPT_STYLE", "SHARED_INSTRUCTION_SETS", "SOUND_SOURCE_INSTRUCTIONS",
     "STAGE_ORDER", "Stepper", "TorchStepper", "TrainConfig", "TrainConfigError", "Worker",
     "apply_lora", "build_optimizer", "build_scheduler", "collate", "configure_trainable",
     "count_target_tokens", "fixed_instruction", "flatten", "generation_batch",

@@ -28,6 +28,8 @@ STAGE_ORDER = ("stage1", "stage2")
 
 # How a stage turns a record into (prompt, target).
 PROMPT_STYLES = ("caption", "instruction", "chat")
+# The style users are served in (Serve's chat template): stage 2 trains in it, evaluation asks in it.
+SERVED_PROMPT_STYLE = "chat"
 
 # Sample ratios of the reference recipe (BUBOGPT_REFERENCE.md, "Training recipe"). WavCaps' four
 # subsets (BBC 31, AudioSet-SL 108, SoundBible 2, FreeSound 262) are one `wavcaps` dataset here.
@@ -170,7 +172,7 @@ def reference_stage_configs(preset: str) -> dict[str, TrainConfig]:
             max_txt_len=128, schedule="lavis", precision="bf16", log_every=50, checkpoint_every=5000,
         ),
         "stage2": TrainConfig(
-            stage="stage2", datasets=dict(STAGE2_RATIOS_13B if thirteen else STAGE2_RATIOS), prompt_style="chat",
+            stage="stage2", datasets=dict(STAGE2_RATIOS_13B if thirteen else STAGE2_RATIOS), prompt_style=SERVED_PROMPT_STYLE,
             batch_size=10 if thirteen else 12, lr=3e-5, min_lr=1e-5, warmup_start_lr=1e-6, warmup_steps=5000,
             max_steps=10 * 5000, max_txt_len=160 if thirteen else 196, schedule="lavis", precision="bf16",
             log_every=50, checkpoint_every=5000,
@@ -196,7 +198,7 @@ def tiny_stage_configs() -> dict[str, TrainConfig]:
             max_txt_len=64, grad_clip=1.0, log_every=25, checkpoint_every=150,
         ),
         "stage2": TrainConfig(
-            stage="stage2", datasets=stage2_sets, prompt_style="chat", batch_size=16,
+            stage="stage2", datasets=stage2_sets, prompt_style=SERVED_PROMPT_STYLE, batch_size=16,
             lr=1e-3, min_lr=1e-4, warmup_start_lr=1e-5, warmup_steps=40, max_steps=600,
             max_txt_len=96, grad_clip=1.0, lora=LoraSettings(r=16, alpha=32, dropout=0.0,
             target_modules=("q_proj", "k_proj", "v_proj", "o_proj")), log_every=25, checkpoint_every=300,

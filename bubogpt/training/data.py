@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bubogpt.conversation import Segment
-from bubogpt.training.config import PROMPT_STYLES, TrainConfig, TrainConfigError
+from bubogpt.training.config import PROMPT_STYLES, SERVED_PROMPT_STYLE, TrainConfig, TrainConfigError
 from bubogpt.training.prompts import CollateError, fixed_instruction, pick_instruction, row_modalities, row_prompt
 
 # Modalities each dataset's rows carry; a stage mixing datasets of different modalities leaves some
@@ -38,7 +38,7 @@ class RowStream(Protocol):
     where the stream stands (JSON-able); `restore(state)` continues exactly there, so that a resumed
     run reads the rows an uninterrupted one would have read."""
 
-    def next_rows(self, decode: bool = True) -> list[dict[str, Any]]: ...
+    def next_rows(self) -> list[dict[str, Any]]: ...
 
     def state(self) -> dict[str, Any]: ...
 
@@ -169,7 +169,7 @@ def collate(
     return batch
 
 
-def generation_batch(rows: Sequence[Mapping[str, Any]], prompt_style: str = "chat") -> ModelBatch:
+def generation_batch(rows: Sequence[Mapping[str, Any]], prompt_style: str = SERVED_PROMPT_STYLE) -> ModelBatch:
     """Prompts to generate from (evaluation, sample generations): every row asked the fixed way of
     its dataset (`fixed_instruction`)."""
     return collate(rows, prompt_style, None, instruction_for=fixed_instruction)
