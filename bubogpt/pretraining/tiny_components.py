@@ -14,6 +14,9 @@ Q-Formers and projections on top. The tiny preset gets stand-ins for them, train
              (which kind makes which sound) and to answer from what it is shown.
     align    the BLIP-2 + MiniGPT-4 analogue: the vision Q-Former and projection, on picture
              captions and questions, with the vision encoder and the LLM frozen.
+    instruct the LLaVA stage-2 analogue, after align: the vision Q-Former, projection and the whole
+             LLM together, on questions about pictures (half of them lookups among several objects)
+             and the LLM's own texts; the frozen LLM could not look things up in pictures' tokens.
 
 Every phase draws its data from `streams` (never from a corpus), scores itself on a held-out stream
 and writes its asset folder (`bubogpt/assets/tiny_*`); see `python -m bubogpt.pretraining.tiny_components -h`.
@@ -568,11 +571,30 @@ def init_place_queries(model, sharpness: float = 1.5) -> None:
         projection.bias.zero_()
 
 
+def lookup_example(seed: int, stream: str, index: int, scenes: list[streams.WorldScene], multi: list[int]):
+    """(prompt segments, target, picture index): a colour or position question about one object of a
+    picture with 2-3 objects, the questions whose answer must be looked up by another attribute (the
+    object's kind, or its colour and kind) among several objects."""
+    from bubogpt.conversation import instruction_prompt
+    from bubogpt.training import pick_instruction
+
+    rng = streams.stream_rng(seed, stream, index)
+    picture = multi[int(rng.integers(len(multi)))]
+    while True:
+        record = streams.image_record(rng, "llava_instruct", scenes[picture])
+        if record.meta["qtype"] in ("colour", "position"):
+            break
+    return instruction_prompt(["vision"], pick_instruction(record.dataset, record.instruction, rng)), record.answer, picture
+
+
 def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], held_tokens: torch.Tensor,
                            held_scenes: list[streams.WorldScene], schedule: Schedule, batch_size: int, seed: int,
-                           log: LogFn = print_log, eval_every: int = 500, train_llm: bool = False):
+                           log: LogFn = print_log, eval_every: int = 500, train_llm: bool = False,
+                           lookup_share: float = 0.0, text_batch: int = 0, phase: str = "align"):
     """Trains `model.joiner`'s vision Q-Former and projection (and the LLM with `train_llm`);
-    everything else stays frozen."""
+    everything else stays frozen. `lookup_share` of the examples are `lookup_example`s; with
+    `text_batch`, each step also language-models that many texts of the LLM's own stream (so that
+    what the LLM knows of sounds and pairs, which pictures alone never ask, is kept)."""
     prefixes = ("joiner.qformers.vision.", "joiner.projections.vision.") + (("llm.",) if train_llm else ())
     trainable = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     for p in model.parameters():
@@ -582,16 +604,29 @@ def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.Wor
     model.train()
     optimizer = adamw(trainable, schedule.lr)
     generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    multi = [i for i, scene in enumerate(scenes) if len(scene.objects) >= 2]
     started = time.time()
     for step in range(schedule.steps):
-        index = torch.randint(len(scenes), (batch_size,), generator=generator).tolist()
-        examples = [image_example(seed, "align_train", step * batch_size + k, scenes[i]) for k, i in enumerate(index)]
-        loss = model([e[0] for e in examples], [e[1] for e in examples], vision_tokens=tokens[index].float()).loss
+        examples = []
+        for k, i in enumerate(torch.randint(len(scenes), (batch_size,), generator=generator).tolist()):
+            index = step * batch_size + k
+            if rng.random() < lookup_share:
+                examples.append(lookup_example(seed, f"{phase}_lookup", index, scenes, multi))
+            else:
+                segments, target, _ = image_example(seed, f"{phase}_train", index, scenes[i])
+                examples.append((segments, target, i))
+        pictures = [e[2] for e in examples]
+        loss = model([e[0] for e in examples], [e[1] for e in examples], vision_tokens=tokens[pictures].float()).loss
+        if text_batch:
+            texts = [draw_text_example(seed, f"{phase}_texts", step * text_batch + i)[:2] for i in range(text_batch)]
+            input_ids, mask, labels = lm_batch(model.tokenizer, texts, answer_only=True)
+            loss = loss + model.llm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         norm = optimiser_step(optimizer, schedule, step, loss)
         if step % 50 == 0 or step == schedule.steps - 1:
-            log("align", step, {"loss": loss.item(), "grad_norm": norm, "seconds": time.time() - started})
+            log(phase, step, {"loss": loss.item(), "grad_norm": norm, "seconds": time.time() - started})
         if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
-            log("align", step, score_image_qa(model, held_tokens, held_scenes, seed).metrics())
+            log(phase, step, score_image_qa(model, held_tokens, held_scenes, seed).metrics())
     model.eval()
     return model, score_image_qa(model, held_tokens, held_scenes, seed)
 
@@ -609,6 +644,8 @@ class PhaseRecipe:
     train_items: int = 0  # pictures / sounds drawn once and cycled (the LLM draws fresh texts)
     held_out_items: int = 300
     warmup_steps: int = 100
+    lookup_share: float = 0.0  # instruct: share of `lookup_example`s
+    text_batch: int = 0  # instruct: texts of the LLM's stream language-modelled each step
 
 
 # The vision encoder: the tiny preset's width with a third block and a convolutional stem (a 64-wide
@@ -621,6 +658,8 @@ RECIPES = {
     "audio": PhaseRecipe(steps=600, lr=1e-3, batch_size=32, train_items=1200, warmup_steps=50),
     "llm": PhaseRecipe(steps=4000, lr=2e-3, batch_size=32),
     "align": PhaseRecipe(steps=1500, lr=1e-3, batch_size=16, train_items=2000, held_out_items=100, warmup_steps=50),
+    "instruct": PhaseRecipe(steps=6000, lr=1e-3, batch_size=16, train_items=4000, held_out_items=100, warmup_steps=50,
+                            lookup_share=0.5, text_batch=8),
 }
 
 
@@ -668,6 +707,8 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
         assets.save_vision_asset(model.vision_encoder, model.joiner.qformers["vision"], model.joiner.projections["vision"], out)
         (out / assets.PROBE_HEADS).write_bytes((vision_encoder_dir / assets.PROBE_HEADS).read_bytes())
         scores = report.metrics()
+    elif phase == "instruct":
+        return run_instruct(out, seed, recipe, log, vision_encoder_dir or assets.VISION_DIR, llm_dir or assets.LLM_DIR)
     else:
         raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(RECIPES)}")
     record = {"phase": phase, "seed": seed, "recipe": recipe.__dict__, "scores": scores,
@@ -678,6 +719,40 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
     return scores
 
 
+def run_instruct(out: Path, seed: int, recipe: PhaseRecipe, log: LogFn, vision_dir: Path, llm_dir: Path) -> dict[str, float]:
+    """The LLaVA stage-2 analogue, after "align": the aligned vision Q-Former and projection and the
+    whole LLM, trained together on questions about pictures (half of them lookups among several
+    objects) plus the LLM's own texts. Aligned to a frozen LLM that cannot look things up, the
+    pictures' tokens never got colour or position answered (issue 16). Writes the two assets it
+    changes, OUT/tiny_vision and OUT/tiny_llm, each with the record of the phase before it."""
+    from bubogpt.pretraining import assets
+
+    started = time.time()
+    model = assets.load_pretrained_tiny(vision_dir=vision_dir, llm_dir=llm_dir, seed=seed)
+    train_pool = PicturePool(seed, "instruct_train", recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
+    held_out = PicturePool(seed, "align_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
+    tokens, held_tokens = encode_pool(model.vision_encoder, train_pool), encode_pool(model.vision_encoder, held_out)
+    log("instruct", 0, {"pools_seconds": time.time() - started})
+    model, report = train_vision_alignment(
+        model, tokens, train_pool.scenes, held_tokens, held_out.scenes, Schedule(recipe.steps, recipe.lr, recipe.warmup_steps),
+        recipe.batch_size, seed, log, eval_every=1000, train_llm=True, lookup_share=recipe.lookup_share,
+        text_batch=recipe.text_batch, phase="instruct",
+    )  # fmt: skip
+    texts = score_llm(model.llm, model.tokenizer, held_out_records(seed, 300)).metrics()
+    log("instruct", recipe.steps, {f"text_{k}": v for k, v in texts.items()})
+    vision_out, llm_out = out / "tiny_vision", out / "tiny_llm"
+    assets.save_vision_asset(model.vision_encoder, model.joiner.qformers["vision"], model.joiner.projections["vision"], vision_out)
+    (vision_out / assets.PROBE_HEADS).write_bytes((vision_dir / assets.PROBE_HEADS).read_bytes())
+    assets.save_llm_asset(model.llm, model.tokenizer, llm_out)
+    scores = {**report.metrics(), **{f"text_{k}": v for k, v in texts.items()}}
+    for folder, before in ((vision_out, vision_dir), (llm_out, llm_dir)):
+        record = {"phase": "instruct", "seed": seed, "recipe": recipe.__dict__, "scores": scores,
+                  "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
+                  "before": json.loads((before / "training_scores.json").read_text())}  # fmt: skip
+        (folder / "training_scores.json").write_text(json.dumps(record, indent=2))
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Pretrain one tiny component on the generator streams (no Ray).")
     parser.add_argument("--phase", choices=sorted(RECIPES), required=True)
@@ -685,8 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps (quick checks)")
-    parser.add_argument("--vision-encoder", type=Path, help="align: the vision phase's folder")
-    parser.add_argument("--llm", type=Path, help="align: the LLM's folder (default bubogpt/assets/tiny_llm)")
+    parser.add_argument("--vision-encoder", type=Path,
+                        help="align: the vision phase's folder; instruct: the aligned vision asset (default bubogpt/assets/tiny_vision)")
+    parser.add_argument("--llm", type=Path, help="align, instruct: the LLM's folder (default bubogpt/assets/tiny_llm)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
