@@ -84,3 +84,33 @@ def test_pretrained_assets_are_small():
     files = [p for folder in (AUDIO_DIR, VISION_DIR, LLM_DIR) for p in folder.rglob("*") if p.is_file()]
     # Issue 16: all pretrained tiny components together at most 25 MB.
     assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
+
+
+def test_lookup_examples_ask_the_colour_or_place_of_one_of_several_objects():
+    """The instruct phase's lookups: only pictures with 2-3 objects, only colour and position
+    questions, answered with the attribute of the object the question names."""
+    import numpy as np
+
+    from bubogpt.evaluation import named_colours, named_kinds, named_positions
+    from bubogpt.pretraining import streams
+    from bubogpt.pretraining.tiny_components import lookup_example
+
+    rng = np.random.default_rng(3)
+    scenes = [streams.sample_scene(rng) for _ in range(30)]
+    multi = [i for i, s in enumerate(scenes) if len(s.objects) >= 2]
+    assert 0 < len(multi) < len(scenes)
+    asked = set()
+    for index in range(60):
+        segments, target, picture = lookup_example(0, "test_lookups", index, scenes, multi)
+        assert picture in multi
+        question = segments[-1]
+        kinds = named_kinds(question)
+        assert len(kinds) == 1, question  # the question names one object by its kind
+        (colour, _, position), = [o for o in scenes[picture].objects if o[1] in kinds]
+        if named_colours(target) - named_colours(question):
+            assert named_colours(target) == {colour}, (question, target)
+            asked.add("colour")
+        else:
+            assert named_positions(target) == {position}, (question, target)
+            asked.add("position")
+    assert asked == {"colour", "position"}
