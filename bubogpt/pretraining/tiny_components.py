@@ -663,6 +663,27 @@ RECIPES = {
 }
 
 
+def phase_record(phase: str, seed: int, recipe: PhaseRecipe, scores: dict[str, float], started: float) -> dict:
+    """What `training_scores.json` records of a phase."""
+    return {"phase": phase, "seed": seed, "recipe": recipe.__dict__, "scores": scores,
+            "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def encoded_pictures(model, seed: int, train_stream: str, recipe: PhaseRecipe):
+    """(training pool, held-out pool, their frozen-encoder tokens) for the align and instruct phases."""
+    train_pool = PicturePool(seed, train_stream, recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
+    held_out = PicturePool(seed, "align_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
+    return train_pool, held_out, encode_pool(model.vision_encoder, train_pool), encode_pool(model.vision_encoder, held_out)
+
+
+def save_aligned_vision(model, out: Path, probe_heads_from: Path) -> None:
+    """The vision asset (encoder, Q-Former, projection) with the vision phase's probe heads."""
+    from bubogpt.pretraining import assets
+
+    assets.save_vision_asset(model.vision_encoder, model.joiner.qformers["vision"], model.joiner.projections["vision"], out)
+    (out / assets.PROBE_HEADS).write_bytes((probe_heads_from / assets.PROBE_HEADS).read_bytes())
+
+
 def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn = print_log,
               vision_encoder_dir: Path | None = None, llm_dir: Path | None = None) -> dict[str, float]:
     """Trains one component and writes it (in its original checkpoint's format, `assets`) with
@@ -698,21 +719,17 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
             raise ValueError("the align phase needs --vision-encoder DIR (the vision phase's folder)")
         model = assets.model_for_alignment(vision_encoder_dir, llm_dir or assets.LLM_DIR, seed)
         init_place_queries(model)
-        train_pool = PicturePool(seed, "align_train", recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
-        held_out = PicturePool(seed, "align_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
-        tokens, held_tokens = encode_pool(model.vision_encoder, train_pool), encode_pool(model.vision_encoder, held_out)
+        train_pool, held_out, tokens, held_tokens = encoded_pictures(model, seed, "align_train", recipe)
         log(phase, 0, {"pools_seconds": time.time() - started})
         model, report = train_vision_alignment(model, tokens, train_pool.scenes, held_tokens, held_out.scenes,
                                                schedule, recipe.batch_size, seed, log)  # fmt: skip
-        assets.save_vision_asset(model.vision_encoder, model.joiner.qformers["vision"], model.joiner.projections["vision"], out)
-        (out / assets.PROBE_HEADS).write_bytes((vision_encoder_dir / assets.PROBE_HEADS).read_bytes())
+        save_aligned_vision(model, out, vision_encoder_dir)
         scores = report.metrics()
     elif phase == "instruct":
         return run_instruct(out, seed, recipe, log, vision_encoder_dir or assets.VISION_DIR, llm_dir or assets.LLM_DIR)
     else:
         raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(RECIPES)}")
-    record = {"phase": phase, "seed": seed, "recipe": recipe.__dict__, "scores": scores,
-              "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads()}  # fmt: skip
+    record = phase_record(phase, seed, recipe, scores, started)
     if phase == "align":  # the asset holds both phases' work: keep the encoder's record beside it
         record["vision_encoder"] = json.loads((vision_encoder_dir / "training_scores.json").read_text())
     (out / "training_scores.json").write_text(json.dumps(record, indent=2))
@@ -729,9 +746,7 @@ def run_instruct(out: Path, seed: int, recipe: PhaseRecipe, log: LogFn, vision_d
 
     started = time.time()
     model = assets.load_pretrained_tiny(vision_dir=vision_dir, llm_dir=llm_dir, seed=seed)
-    train_pool = PicturePool(seed, "instruct_train", recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
-    held_out = PicturePool(seed, "align_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
-    tokens, held_tokens = encode_pool(model.vision_encoder, train_pool), encode_pool(model.vision_encoder, held_out)
+    train_pool, held_out, tokens, held_tokens = encoded_pictures(model, seed, "instruct_train", recipe)
     log("instruct", 0, {"pools_seconds": time.time() - started})
     model, report = train_vision_alignment(
         model, tokens, train_pool.scenes, held_tokens, held_out.scenes, Schedule(recipe.steps, recipe.lr, recipe.warmup_steps),
@@ -741,14 +756,12 @@ def run_instruct(out: Path, seed: int, recipe: PhaseRecipe, log: LogFn, vision_d
     texts = score_llm(model.llm, model.tokenizer, held_out_records(seed, 300)).metrics()
     log("instruct", recipe.steps, {f"text_{k}": v for k, v in texts.items()})
     vision_out, llm_out = out / "tiny_vision", out / "tiny_llm"
-    assets.save_vision_asset(model.vision_encoder, model.joiner.qformers["vision"], model.joiner.projections["vision"], vision_out)
-    (vision_out / assets.PROBE_HEADS).write_bytes((vision_dir / assets.PROBE_HEADS).read_bytes())
+    save_aligned_vision(model, vision_out, vision_dir)
     assets.save_llm_asset(model.llm, model.tokenizer, llm_out)
     scores = {**report.metrics(), **{f"text_{k}": v for k, v in texts.items()}}
     for folder, before in ((vision_out, vision_dir), (llm_out, llm_dir)):
-        record = {"phase": "instruct", "seed": seed, "recipe": recipe.__dict__, "scores": scores,
-                  "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
-                  "before": json.loads((before / "training_scores.json").read_text())}  # fmt: skip
+        record = {**phase_record("instruct", seed, recipe, scores, started),
+                  "before": json.loads((before / "training_scores.json").read_text())}
         (folder / "training_scores.json").write_text(json.dumps(record, indent=2))
     return scores
 
