@@ -114,3 +114,37 @@ def test_lookup_examples_ask_the_colour_or_place_of_one_of_several_objects():
             assert named_positions(target) == {position}, (question, target)
             asked.add("position")
     assert asked == {"colour", "position"}
+
+
+def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_unrelated():
+    """The lookup phase's pairs: the picture stays a vision slot, the sound is told in words, and the
+    answer names the colour and place of the one object whose kind makes that sound, or says the
+    two are unrelated when no object of the picture makes it."""
+    import numpy as np
+
+    from bubogpt.conversation import ModalitySlot
+    from bubogpt.data import vocab
+    from bubogpt.evaluation import named_colours, named_positions
+    from bubogpt.pretraining import streams
+    from bubogpt.pretraining.tiny_components import pair_example
+
+    rng = np.random.default_rng(5)
+    scenes = [streams.sample_scene(rng) for _ in range(30)]
+    multi = [i for i, s in enumerate(scenes) if len(s.objects) >= 2]
+    seen = {"related": 0, "unrelated": 0}
+    for index in range(80):
+        segments, target, picture = pair_example(0, "test_pairs", index, scenes, multi)
+        assert [s.modality for s in segments if isinstance(s, ModalitySlot)] == ["vision"]
+        told = " ".join(s for s in segments if isinstance(s, str))
+        sound_kinds = [k for k in vocab.SOUND_KINDS if vocab.SOUND_PHRASES[k].lower() in told.lower()]
+        assert len(sound_kinds) == 1, told  # the sound is told in words: exactly one kind's phrase
+        sources = [o for o in scenes[picture].objects if o[1] == vocab.SOUND_SOURCE[sound_kinds[0]]]
+        if sources:
+            (colour, _, position), = sources
+            assert picture in multi and "unrelated" not in target.lower(), target
+            assert named_colours(target) == {colour} and named_positions(target) == {position}, (target, sources)
+            seen["related"] += 1
+        else:
+            assert target.startswith(vocab.NEGATIVE_PREFIXES), target
+            seen["unrelated"] += 1
+    assert min(seen.values()) >= 20, seen
