@@ -1,6 +1,6 @@
 """The quickstart as a user runs it, timed, and the negative-pair ablation (issues 4 and 16).
 
-    python benchmarks/train_quickstart.py [--workdir DIR] [--seed N]
+    python benchmarks/train_quickstart.py [--workdir DIR] [--seed N] [--label L]
 
 1. `bubogpt quickstart --workdir DIR/quickstart --seed N` in a fresh process, timed end to end
    (its own Ray and MLflow, the medium corpus of seed N, Ray Data preparation, both stages on the
@@ -8,7 +8,8 @@
 2. the ablation: the same stage 2, from the quickstart's stage-1 checkpoint, without negative pairs
    (`--config` drops `negative_pairs` from stage 2's datasets);
 3. `bubogpt eval --compare`: both side by side; everything is written to
-   benchmarks/results/train_quickstart_<date>_seed<N>.json (per-stage loss curves included).
+   benchmarks/results/train_quickstart_<date><L>_seed<N>.json (per-stage loss curves included; the
+   label keeps an earlier run of the same day from being overwritten).
 
 The machine's load is recorded before and after: on a shared machine the minutes are noisy.
 """
@@ -55,6 +56,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("work/train_quickstart"))
     parser.add_argument("--seed", type=int, default=0, help="the corpus seed (the demo's: 0)")
+    parser.add_argument("--label", default="", help="appended to the date in the result's file name, e.g. 'c'")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def main() -> int:
     record["ablation_without_negative_pairs"] = {"metrics": results["compare"]["metrics"],
                                                  "counts": results["compare"]["counts"],
                                                  "loss_curves": loss_curves(ablation)}  # fmt: skip
-    out = REPO / "benchmarks" / "results" / f"train_quickstart_{record['date']}_seed{args.seed}.json"
+    out = REPO / "benchmarks" / "results" / f"train_quickstart_{record['date']}{args.label}_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

@@ -59,16 +59,16 @@ def test_llm_asset_answers_from_what_it_is_told():
 
 def test_aligned_vision_asset_answers_questions_about_unseen_pictures():
     """The model built from all the assets (`load_pretrained_tiny`): pictures -> the pretrained
-    encoder -> the aligned Q-Former and projection -> the LLM tuned with them (phase instruct)."""
+    encoder -> the aligned Q-Former and projection -> the LLM tuned with them (phases instruct and lookup)."""
     model = load_pretrained_tiny()
     pictures = unseen_pictures(model.vision_encoder.config, 40)
     metrics = score_image_qa(model, encode_pool(model.vision_encoder, pictures), pictures.scenes, HELD_OUT_SEED).metrics()
     print(metrics)
     assert metrics["image_qa_count"] >= 0.95, metrics
-    # Chance: kind 1/6, colour 1/6, position 1/5. The instruct phase taught kind-by-colour lookups;
-    # colour-by-kind and position are learnt less (tiny_vision/README.md).
-    assert metrics["image_qa_kind"] >= 0.9, metrics
-    assert metrics["image_qa_colour"] >= 0.45 and metrics["image_qa_position"] >= 0.3, metrics
+    # Chance: kind 1/6, colour 1/6, position 1/5. The instruct and lookup phases taught lookups by
+    # colour (kind, position); colour asked by kind is learnt less (tiny_vision/README.md).
+    assert metrics["image_qa_kind"] >= 0.9 and metrics["image_qa_position"] >= 0.9, metrics
+    assert metrics["image_qa_colour"] >= 0.45, metrics
     assert metrics["modality_hallucination_image_only"] <= 0.05, metrics
 
 

@@ -729,7 +729,7 @@ def phase_record(phase: str, seed: int, recipe: PhaseRecipe, scores: dict[str, f
 
 
 def encoded_pictures(model, seed: int, train_stream: str, recipe: PhaseRecipe):
-    """(training pool, held-out pool, their frozen-encoder tokens) for the align and instruct phases."""
+    """(training pool, held-out pool, their frozen-encoder tokens) for the align, instruct and lookup phases."""
     train_pool = PicturePool(seed, train_stream, recipe.train_items, VISION_ENCODER.img_size, VISION_GRID)
     held_out = PicturePool(seed, "align_held_out", recipe.held_out_items, VISION_ENCODER.img_size, VISION_GRID)
     return train_pool, held_out, encode_pool(model.vision_encoder, train_pool), encode_pool(model.vision_encoder, held_out)
