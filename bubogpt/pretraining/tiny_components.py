@@ -17,6 +17,8 @@ Q-Formers and projections on top. The tiny preset gets stand-ins for them, train
     instruct the LLaVA stage-2 analogue, after align: the vision Q-Former, projection and the whole
              LLM together, on questions about pictures (half of them lookups among several objects)
              and the LLM's own texts; the frozen LLM could not look things up in pictures' tokens.
+    lookup   instruct continued from its files on new pictures, at twice the rate, a quarter of the
+             examples pictures with a sound told in words (locate its source or call it unrelated).
 
 Every phase draws its data from `streams` (never from a corpus), scores itself on a held-out stream
 and writes its asset folder (`bubogpt/assets/tiny_*`); see `python -m bubogpt.pretraining.tiny_components -h`.
