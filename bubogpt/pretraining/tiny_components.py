@@ -352,15 +352,21 @@ def describe(record: streams.Record, modality: str) -> str:
     return record.scene.description() if modality == "vision" else record.sound.description()
 
 
+def told_in_words(record: streams.Record, segments: list, modalities: tuple[str, ...] = ("vision", "audio")) -> list:
+    """`segments` with the slots of `modalities` replaced by the text of what they show."""
+    from bubogpt.conversation import ModalitySlot
+
+    return [describe(record, s.modality) if isinstance(s, ModalitySlot) and s.modality in modalities else s for s in segments]
+
+
 def text_example(record: streams.Record, instruction: str | None) -> tuple[list[str], str]:
     """(prompt pieces, target) with each modality slot replaced by the text of what it shows.
     `instruction` None: stage 1's form (the media, then the caption)."""
-    from bubogpt.conversation import ModalitySlot, instruction_prompt
+    from bubogpt.conversation import instruction_prompt
 
     if instruction is None:
         return [describe(record, m) for m in record.modalities], record.answer
-    segments = instruction_prompt(record.modalities, instruction)
-    return [describe(record, s.modality) if isinstance(s, ModalitySlot) else s for s in segments], record.answer
+    return told_in_words(record, instruction_prompt(record.modalities, instruction)), record.answer
 
 
 def draw_text_example(seed: int, stream: str, index: int, mix: dict[str, float] = LLM_TEXT_MIX):
@@ -594,7 +600,7 @@ def pair_example(seed: int, stream: str, index: int, scenes: list[streams.WorldS
     stage 2 asks a pair. Half are localisations (a picture of 2-3 objects, one the sound's source),
     half negative pairs (no object makes the sound): the look-up by kind that localising a sound
     needs, learnt on picture tokens before stage 2 asks it with sound tokens."""
-    from bubogpt.conversation import ModalitySlot, instruction_prompt
+    from bubogpt.conversation import instruction_prompt
     from bubogpt.training import pick_instruction
 
     rng = streams.stream_rng(seed, stream, index)
@@ -603,8 +609,7 @@ def pair_example(seed: int, stream: str, index: int, scenes: list[streams.WorldS
     sound = streams.sample_sound(rng, pair_sound_kind(rng, scenes[picture], related))
     record = streams.pair_record(rng, scenes[picture], sound)
     segments = instruction_prompt(record.modalities, pick_instruction(record.dataset, record.instruction, rng))
-    segments = [describe(record, "audio") if isinstance(s, ModalitySlot) and s.modality == "audio" else s for s in segments]
-    return segments, record.answer, picture
+    return told_in_words(record, segments, ("audio",)), record.answer, picture
 
 
 def pair_sound_kind(rng: np.random.Generator, scene: streams.WorldScene, related: bool) -> str:
@@ -618,7 +623,7 @@ def pair_sound_kind(rng: np.random.Generator, scene: streams.WorldScene, related
 def score_pairs(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], seed: int, batch: int = 64):
     """Per held-out picture, a negative pair and (with 2-3 objects) a localisation, the sound told in
     words, asked as `bubogpt eval` asks pairs; an EvalReport (localisation, unrelated, false alarms)."""
-    from bubogpt.conversation import ModalitySlot, instruction_prompt
+    from bubogpt.conversation import instruction_prompt
 
     model.eval()
     records, rows = [], []
@@ -630,8 +635,7 @@ def score_pairs(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], s
     answers = []
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
-        prompts = [[describe(r, "audio") if isinstance(s, ModalitySlot) and s.modality == "audio" else s
-                    for s in instruction_prompt(r.modalities, eval_instruction(r))] for r in chunk]  # fmt: skip
+        prompts = [told_in_words(r, instruction_prompt(r.modalities, eval_instruction(r)), ("audio",)) for r in chunk]
         answers += model.generate(prompts, vision_tokens=tokens[rows[start : start + batch]].float(), max_new_tokens=60)
     model.train()
     return score_answers(records, answers)
@@ -645,7 +649,8 @@ def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.Wor
     everything else stays frozen. `lookup_share` of the examples are `lookup_example`s and
     `pair_share` `pair_example`s; with
     `text_batch`, each step also language-models that many texts of the LLM's own stream (so that
-    what the LLM knows of sounds and pairs, which pictures alone never ask, is kept)."""
+    what the LLM knows of sounds and pairs, which pictures alone never ask, is kept). Returns the
+    model and the held-out metrics of the last step (`pair_*` too with `pair_share`)."""
     prefixes = ("joiner.qformers.vision.", "joiner.projections.vision.") + (("llm.",) if train_llm else ())
     trainable = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     for p in model.parameters():
@@ -680,11 +685,14 @@ def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.Wor
         if step % 50 == 0 or step == schedule.steps - 1:
             log(phase, step, {"loss": loss.item(), "grad_norm": norm, "seconds": time.time() - started})
         if (step + 1) % eval_every == 0 or step == schedule.steps - 1:
-            log(phase, step, score_image_qa(model, held_tokens, held_scenes, seed).metrics())
+            metrics = score_image_qa(model, held_tokens, held_scenes, seed).metrics()
+            log(phase, step, metrics)
             if pair_share:
-                log(phase, step, {f"pair_{k}": v for k, v in score_pairs(model, held_tokens, held_scenes, seed).metrics().items()})
+                pairs = {f"pair_{k}": v for k, v in score_pairs(model, held_tokens, held_scenes, seed).metrics().items()}
+                log(phase, step, pairs)
+                metrics = {**metrics, **pairs}
     model.eval()
-    return model, score_image_qa(model, held_tokens, held_scenes, seed)
+    return model, metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -782,10 +790,9 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
         init_place_queries(model)
         train_pool, held_out, tokens, held_tokens = encoded_pictures(model, seed, "align_train", recipe)
         log(phase, 0, {"pools_seconds": time.time() - started})
-        model, report = train_vision_alignment(model, tokens, train_pool.scenes, held_tokens, held_out.scenes,
+        model, scores = train_vision_alignment(model, tokens, train_pool.scenes, held_tokens, held_out.scenes,
                                                schedule, recipe.batch_size, seed, log)  # fmt: skip
         save_aligned_vision(model, out, vision_encoder_dir)
-        scores = report.metrics()
     elif phase in ("instruct", "lookup"):
         return run_instruct(out, seed, recipe, log, vision_encoder_dir or assets.VISION_DIR, llm_dir or assets.LLM_DIR, phase)
     else:
@@ -811,22 +818,17 @@ def run_instruct(out: Path, seed: int, recipe: PhaseRecipe, log: LogFn, vision_d
     model = assets.load_pretrained_tiny(vision_dir=vision_dir, llm_dir=llm_dir, seed=seed)
     train_pool, held_out, tokens, held_tokens = encoded_pictures(model, seed, f"{phase}_train", recipe)
     log(phase, 0, {"pools_seconds": time.time() - started})
-    model, report = train_vision_alignment(
+    model, metrics = train_vision_alignment(
         model, tokens, train_pool.scenes, held_tokens, held_out.scenes, Schedule(recipe.steps, recipe.lr, recipe.warmup_steps),
         recipe.batch_size, seed, log, eval_every=1000, train_llm=True, lookup_share=recipe.lookup_share,
         pair_share=recipe.pair_share, text_batch=recipe.text_batch, phase=phase,
     )  # fmt: skip
-    if recipe.pair_share:
-        pairs = {f"pair_{k}": v for k, v in score_pairs(model, held_tokens, held_out.scenes, seed).metrics().items()}
-        report_metrics = {**report.metrics(), **pairs}
-    else:
-        report_metrics = report.metrics()
     texts = score_llm(model.llm, model.tokenizer, held_out_records(seed, 300)).metrics()
     log(phase, recipe.steps, {f"text_{k}": v for k, v in texts.items()})
     vision_out, llm_out = out / "tiny_vision", out / "tiny_llm"
     save_aligned_vision(model, vision_out, vision_dir)
     assets.save_llm_asset(model.llm, model.tokenizer, llm_out)
-    scores = {**report_metrics, **{f"text_{k}": v for k, v in texts.items()}}
+    scores = {**metrics, **{f"text_{k}": v for k, v in texts.items()}}
     for folder, before in ((vision_out, vision_dir), (llm_out, llm_dir)):
         record = {**phase_record(phase, seed, recipe, scores, started),
                   "before": json.loads((before / "training_scores.json").read_text())}
