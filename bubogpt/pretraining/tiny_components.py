@@ -533,7 +533,6 @@ def score_image_qa(model, tokens: torch.Tensor, scenes: list[streams.WorldScene]
     """One question of each type per held-out picture, asked as `bubogpt eval` asks; an EvalReport."""
     from bubogpt.conversation import instruction_prompt
 
-    model.eval()
     records, rows = [], []
     for i, scene in enumerate(scenes):
         rng = streams.stream_rng(seed, "align_questions", i)
@@ -544,13 +543,21 @@ def score_image_qa(model, tokens: torch.Tensor, scenes: list[streams.WorldScene]
                     break
             records.append(record)
             rows.append(i)
+    prompts = [instruction_prompt(["vision"], r.instruction) for r in records]
+    return score_answers(records, answer_about_pictures(model, prompts, tokens[rows], batch, max_new_tokens=40))
+
+
+@torch.no_grad()
+def answer_about_pictures(model, prompts: list[list], tokens: torch.Tensor, batch: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers to `prompts`, prompt i about the picture of `tokens[i]`, `batch` at a time;
+    the model is left in training mode."""
+    model.eval()
     answers = []
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        prompts = [instruction_prompt(["vision"], r.instruction) for r in chunk]
-        answers += model.generate(prompts, vision_tokens=tokens[rows[start : start + batch]].float(), max_new_tokens=40)
+    for start in range(0, len(prompts), batch):
+        answers += model.generate(prompts[start : start + batch], vision_tokens=tokens[start : start + batch].float(),
+                                  max_new_tokens=max_new_tokens)  # fmt: skip
     model.train()
-    return score_answers(records, answers)
+    return answers
 
 
 @torch.no_grad()
@@ -625,20 +632,14 @@ def score_pairs(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], s
     words, asked as `bubogpt eval` asks pairs; an EvalReport (localisation, unrelated, false alarms)."""
     from bubogpt.conversation import instruction_prompt
 
-    model.eval()
     records, rows = [], []
     for i, scene in enumerate(scenes):
         rng = streams.stream_rng(seed, "pair_questions", i)
         for related in (True, False)[len(scene.objects) < 2 :]:
             records.append(streams.pair_record(rng, scene, streams.sample_sound(rng, pair_sound_kind(rng, scene, related))))
             rows.append(i)
-    answers = []
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        prompts = [told_in_words(r, instruction_prompt(r.modalities, eval_instruction(r)), ("audio",)) for r in chunk]
-        answers += model.generate(prompts, vision_tokens=tokens[rows[start : start + batch]].float(), max_new_tokens=60)
-    model.train()
-    return score_answers(records, answers)
+    prompts = [told_in_words(r, instruction_prompt(r.modalities, eval_instruction(r)), ("audio",)) for r in records]
+    return score_answers(records, answer_about_pictures(model, prompts, tokens[rows], batch, max_new_tokens=60))
 
 
 def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], held_tokens: torch.Tensor,
