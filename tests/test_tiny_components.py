@@ -53,23 +53,41 @@ def test_llm_asset_answers_from_what_it_is_told():
     assert metrics["sound_kind"] >= 0.95, metrics
     assert metrics["image_qa_count"] >= 0.95, metrics
     assert metrics["modality_hallucination_rate"] <= 0.05, metrics
-    # It reads the description, though its lookups are weak (README): above chance (1/6) by a margin.
-    assert metrics["image_qa_colour"] >= 0.5 and metrics["image_qa_kind"] >= 0.4, metrics
+    # It looks the object a question names up in the description (the kind phase; README: colour
+    # 0.82, kind 0.96, position 0.92 here). Chance: 1/6, 1/6, 1/5.
+    assert metrics["image_qa_colour"] >= 0.7 and metrics["image_qa_kind"] >= 0.85, metrics
+    assert metrics["image_qa_position"] >= 0.8, metrics
 
 
 def test_aligned_vision_asset_answers_questions_about_unseen_pictures():
     """The model built from all the assets (`load_pretrained_tiny`): pictures -> the pretrained
-    encoder -> the aligned Q-Former and projection -> the LLM tuned with them (phases instruct and lookup)."""
+    encoder -> the aligned Q-Former and projection -> the LLM tuned with them (phases instruct, lookup, kind)."""
     model = load_pretrained_tiny()
     pictures = unseen_pictures(model.vision_encoder.config, 40)
     metrics = score_image_qa(model, encode_pool(model.vision_encoder, pictures), pictures.scenes, HELD_OUT_SEED).metrics()
     print(metrics)
     assert metrics["image_qa_count"] >= 0.95, metrics
-    # Chance: kind 1/6, colour 1/6, position 1/5. The instruct and lookup phases taught lookups by
-    # colour (kind, position); colour asked by kind is learnt less (tiny_vision/README.md).
+    # Chance: kind 1/6, colour 1/6, position 1/5. Lookups by colour (kind, position) came with the
+    # instruct and lookup phases, colour asked by kind with the kind phase (tiny_vision/README.md:
+    # colour 0.90, kind and position 1.00 here).
     assert metrics["image_qa_kind"] >= 0.9 and metrics["image_qa_position"] >= 0.9, metrics
-    assert metrics["image_qa_colour"] >= 0.45, metrics
+    assert metrics["image_qa_colour"] >= 0.8, metrics
     assert metrics["modality_hallucination_image_only"] <= 0.05, metrics
+
+
+def test_aligned_vision_asset_locates_a_sound_told_in_words_or_calls_the_pair_unrelated():
+    """The same model and pictures, each with a sound told in words (`score_pairs`): a sound one of
+    the objects makes, whose source it must name by colour, kind and place, and a sound none makes.
+    Measured: localisation 0.83, unrelated 1.00, false alarms 0.08 (tiny_vision/README.md); chance
+    1/30, 1/2, 1/2."""
+    from bubogpt.pretraining.tiny_components import score_pairs
+
+    model = load_pretrained_tiny()
+    pictures = unseen_pictures(model.vision_encoder.config, 40)
+    metrics = score_pairs(model, encode_pool(model.vision_encoder, pictures), pictures.scenes, HELD_OUT_SEED).metrics()
+    print(metrics)
+    assert metrics["localisation"] >= 0.7 and metrics["unrelated_rate"] >= 0.85, metrics
+    assert metrics["false_alarm_rate"] <= 0.2, metrics
 
 
 @pytest.mark.parametrize("folder", [AUDIO_DIR, VISION_DIR, LLM_DIR], ids=lambda p: p.name)
@@ -116,10 +134,32 @@ def test_lookup_examples_ask_the_colour_or_place_of_one_of_several_objects():
     assert asked == {"colour", "position"}
 
 
-def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_unrelated():
+def test_colour_lookups_of_the_kind_phase_ask_only_colour_by_kind():
+    """The kind phase's colour stretch (`FOCUS["colour"]`): every question names one object of a 2-3
+    object picture by its kind and is answered with that object's colour."""
+    import numpy as np
+
+    from bubogpt.evaluation import named_colours, named_kinds
+    from bubogpt.pretraining import streams
+    from bubogpt.pretraining.tiny_components import lookup_example
+
+    rng = np.random.default_rng(4)
+    scenes = [streams.sample_scene(rng) for _ in range(30)]
+    multi = [i for i, s in enumerate(scenes) if len(s.objects) >= 2]
+    for index in range(40):
+        segments, target, picture = lookup_example(0, "test_colour_lookups", index, scenes, multi, ("colour",))
+        kinds = named_kinds(segments[-1])
+        assert picture in multi and len(kinds) == 1 and not named_colours(segments[-1]), segments[-1]
+        (colour, _, _), = [o for o in scenes[picture].objects if o[1] in kinds]
+        assert named_colours(target) == {colour}, (segments[-1], target)
+
+
+@pytest.mark.parametrize("source_question", [False, True])
+def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_unrelated(source_question):
     """The lookup phase's pairs: the picture stays a vision slot, the sound is told in words, and the
     answer names the colour and place of the one object whose kind makes that sound, or says the
-    two are unrelated when no object of the picture makes it."""
+    two are unrelated when no object of the picture makes it. With `source_question` (the kind
+    phase), related and unrelated pairs alike are asked one of the shared source questions."""
     import numpy as np
 
     from bubogpt.conversation import ModalitySlot
@@ -132,9 +172,11 @@ def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_
     scenes = [streams.sample_scene(rng) for _ in range(30)]
     multi = [i for i, s in enumerate(scenes) if len(s.objects) >= 2]
     seen = {"related": 0, "unrelated": 0}
+    questions = set()
     for index in range(80):
-        segments, target, picture = pair_example(0, "test_pairs", index, scenes, multi)
+        segments, target, picture = pair_example(0, "test_pairs", index, scenes, multi, source_question)
         assert [s.modality for s in segments if isinstance(s, ModalitySlot)] == ["vision"]
+        questions.add(segments[-1])
         told = " ".join(s for s in segments if isinstance(s, str))
         sound_kinds = [k for k in vocab.SOUND_KINDS if vocab.SOUND_PHRASES[k].lower() in told.lower()]
         assert len(sound_kinds) == 1, told  # the sound is told in words: exactly one kind's phrase
@@ -148,3 +190,7 @@ def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_
             assert target.startswith(vocab.NEGATIVE_PREFIXES), target
             seen["unrelated"] += 1
     assert min(seen.values()) >= 20, seen
+    from bubogpt.training import SOUND_SOURCE_INSTRUCTIONS
+
+    shared = [q for q in questions if any(i in q for i in SOUND_SOURCE_INSTRUCTIONS)]
+    assert (len(shared) == len(questions)) == source_question, questions

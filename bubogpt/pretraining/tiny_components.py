@@ -19,6 +19,9 @@ Q-Formers and projections on top. The tiny preset gets stand-ins for them, train
              and the LLM's own texts; the frozen LLM could not look things up in pictures' tokens.
     lookup   instruct continued from its files on new pictures, at twice the rate, a quarter of the
              examples pictures with a sound told in words (locate its source or call it unrelated).
+    kind     lookup continued at a quarter of its rate, in stretches: colour-by-kind questions
+             alone, lookup's mix, pairs alone, the mix; the lookups by kind the mixes at 1-2e-3
+             never taught.
 
 Every phase draws its data from `streams` (never from a corpus), scores itself on a held-out stream
 and writes its asset folder (`bubogpt/assets/tiny_*`); see `python -m bubogpt.pretraining.tiny_components -h`.
@@ -586,10 +589,11 @@ def init_place_queries(model, sharpness: float = 1.5) -> None:
         projection.bias.zero_()
 
 
-def lookup_example(seed: int, stream: str, index: int, scenes: list[streams.WorldScene], multi: list[int]):
-    """(prompt segments, target, picture index): a colour or position question about one object of a
-    picture with 2-3 objects, the questions whose answer must be looked up by another attribute (the
-    object's kind, or its colour and kind) among several objects."""
+def lookup_example(seed: int, stream: str, index: int, scenes: list[streams.WorldScene], multi: list[int],
+                   qtypes: tuple[str, ...] = ("colour", "position")):
+    """(prompt segments, target, picture index): a question of one of `qtypes` (default colour or
+    position) about one object of a picture with 2-3 objects, the questions whose answer must be looked
+    up by another attribute (the object's kind, or its colour and kind) among several objects."""
     from bubogpt.conversation import instruction_prompt
     from bubogpt.training import pick_instruction
 
@@ -597,25 +601,33 @@ def lookup_example(seed: int, stream: str, index: int, scenes: list[streams.Worl
     picture = multi[int(rng.integers(len(multi)))]
     while True:
         record = streams.image_record(rng, "llava_instruct", scenes[picture])
-        if record.meta["qtype"] in ("colour", "position"):
+        if record.meta["qtype"] in qtypes:
             break
     return instruction_prompt(["vision"], pick_instruction(record.dataset, record.instruction, rng)), record.answer, picture
 
 
-def pair_example(seed: int, stream: str, index: int, scenes: list[streams.WorldScene], multi: list[int]):
+def pair_example(seed: int, stream: str, index: int, scenes: list[streams.WorldScene], multi: list[int],
+                 source_question: bool = False):
     """(prompt segments, target, picture index): a picture with a sound told in words, asked as
     stage 2 asks a pair. Half are localisations (a picture of 2-3 objects, one the sound's source),
     half negative pairs (no object makes the sound): the look-up by kind that localising a sound
-    needs, learnt on picture tokens before stage 2 asks it with sound tokens."""
+    needs, learnt on picture tokens before stage 2 asks it with sound tokens. With `source_question`
+    every pair is asked one of the shared "where is the sound from" questions, as `bubogpt eval` asks
+    pairs, so that only the picture and the sound tell a related pair from an unrelated one (a
+    negative pair's own instruction, "describe the image and audio respectively", gives it away)."""
     from bubogpt.conversation import instruction_prompt
-    from bubogpt.training import pick_instruction
+    from bubogpt.training import SOUND_SOURCE_INSTRUCTIONS, pick_instruction
 
     rng = streams.stream_rng(seed, stream, index)
     related = rng.random() < 0.5
     picture = multi[int(rng.integers(len(multi)))] if related else int(rng.integers(len(scenes)))
     sound = streams.sample_sound(rng, pair_sound_kind(rng, scenes[picture], related))
     record = streams.pair_record(rng, scenes[picture], sound)
-    segments = instruction_prompt(record.modalities, pick_instruction(record.dataset, record.instruction, rng))
+    if source_question:
+        instruction = SOUND_SOURCE_INSTRUCTIONS[int(rng.integers(len(SOUND_SOURCE_INSTRUCTIONS)))]
+    else:
+        instruction = pick_instruction(record.dataset, record.instruction, rng)
+    segments = instruction_prompt(record.modalities, instruction)
     return told_in_words(record, segments, ("audio",)), record.answer, picture
 
 
@@ -645,10 +657,11 @@ def score_pairs(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], s
 def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.WorldScene], held_tokens: torch.Tensor,
                            held_scenes: list[streams.WorldScene], schedule: Schedule, batch_size: int, seed: int,
                            log: LogFn = print_log, eval_every: int = 500, train_llm: bool = False,
-                           lookup_share: float = 0.0, pair_share: float = 0.0, text_batch: int = 0, phase: str = "align"):
+                           lookup_share: float = 0.0, pair_share: float = 0.0, text_batch: int = 0, phase: str = "align",
+                           lookup_qtypes: tuple[str, ...] = ("colour", "position"), source_question: bool = False):
     """Trains `model.joiner`'s vision Q-Former and projection (and the LLM with `train_llm`);
-    everything else stays frozen. `lookup_share` of the examples are `lookup_example`s and
-    `pair_share` `pair_example`s; with
+    everything else stays frozen. `lookup_share` of the examples are `lookup_example`s (of
+    `lookup_qtypes`) and `pair_share` `pair_example`s (`source_question`: see there); with
     `text_batch`, each step also language-models that many texts of the LLM's own stream (so that
     what the LLM knows of sounds and pairs, which pictures alone never ask, is kept). Returns the
     model and the held-out metrics of the last step (`pair_*` too with `pair_share`)."""
@@ -670,9 +683,9 @@ def train_vision_alignment(model, tokens: torch.Tensor, scenes: list[streams.Wor
             index = step * batch_size + k
             draw = rng.random()
             if draw < lookup_share:
-                examples.append(lookup_example(seed, f"{phase}_lookup", index, scenes, multi))
+                examples.append(lookup_example(seed, f"{phase}_lookup", index, scenes, multi, lookup_qtypes))
             elif draw < lookup_share + pair_share:
-                examples.append(pair_example(seed, f"{phase}_pairs", index, scenes, multi))
+                examples.append(pair_example(seed, f"{phase}_pairs", index, scenes, multi, source_question))
             else:
                 segments, target, _ = image_example(seed, f"{phase}_train", index, scenes[i])
                 examples.append((segments, target, i))
@@ -712,6 +725,20 @@ class PhaseRecipe:
     lookup_share: float = 0.0  # instruct: share of `lookup_example`s
     pair_share: float = 0.0  # lookup: share of `pair_example`s
     text_batch: int = 0  # instruct: texts of the LLM's stream language-modelled each step
+    # (stretch, steps) run in order instead of `steps` of the mix, each with its own warm-up and cosine:
+    # "mix" is the recipe's mix (the shares above), the others are FOCUS's one kind of example
+    stages: tuple[tuple[str, int], ...] = ()
+    source_question: bool = False  # the mix's pairs are asked the shared source question (`pair_example`)
+
+
+# One kind of example only, for a stretch of a phase's `stages`. Mixed among captions and other
+# questions at lr 1-2e-3, lookups by kind stayed at the colour the model names when unsure (issue
+# 16); alone, at 5e-4, colour-by-kind was learnt in 1,000 steps. A stretch of one kind makes the
+# model forget the rest (kind, position, no sound talk), which a stretch of the mix brings back.
+FOCUS = {
+    "colour": dict(lookup_share=1.0, lookup_qtypes=("colour",)),  # "What colour is the {kind}?", 2-3 objects
+    "pairs": dict(pair_share=1.0, source_question=True),  # locate the sound's source, or call the pair unrelated
+}
 
 
 # The vision encoder: the tiny preset's width with a third block and a convolutional stem (a 64-wide
@@ -730,6 +757,11 @@ RECIPES = {
     # words). Instruct left lookups by kind half learnt (colour 0.67, position 0.53; issue 16).
     "lookup": PhaseRecipe(steps=6000, lr=2e-3, batch_size=16, train_items=4000, held_out_items=100, warmup_steps=50,
                           lookup_share=0.5, pair_share=0.25, text_batch=8),
+    # After lookup, on new pictures, at a quarter of its rate: colour-by-kind questions alone, lookup's
+    # mix, pairs alone (the sound in words, the shared question), the mix again.
+    "kind": PhaseRecipe(steps=5000, lr=5e-4, batch_size=16, train_items=4000, held_out_items=100, warmup_steps=50,
+                        lookup_share=0.5, pair_share=0.25, text_batch=8, source_question=True,
+                        stages=(("colour", 1000), ("mix", 1000), ("pairs", 2000), ("mix", 1000))),
 }
 
 
@@ -794,7 +826,7 @@ def run_phase(phase: str, out: Path, seed: int, recipe: PhaseRecipe, log: LogFn 
         model, scores = train_vision_alignment(model, tokens, train_pool.scenes, held_tokens, held_out.scenes,
                                                schedule, recipe.batch_size, seed, log)  # fmt: skip
         save_aligned_vision(model, out, vision_encoder_dir)
-    elif phase in ("instruct", "lookup"):
+    elif phase in ("instruct", "lookup", "kind"):
         return run_instruct(out, seed, recipe, log, vision_encoder_dir or assets.VISION_DIR, llm_dir or assets.LLM_DIR, phase)
     else:
         raise ValueError(f"unknown phase {phase!r}; expected one of {sorted(RECIPES)}")
@@ -812,18 +844,23 @@ def run_instruct(out: Path, seed: int, recipe: PhaseRecipe, log: LogFn, vision_d
     objects) plus the LLM's own texts. Aligned to a frozen LLM that cannot look things up, the
     pictures' tokens never got colour or position answered (issue 16). Writes the two assets it
     changes, OUT/tiny_vision and OUT/tiny_llm, each with the record of the phase before it. The
-    "lookup" phase is the same training continued from instruct's assets with its own recipe."""
+    "lookup" and "kind" phases are the same training continued from the phase before's assets with
+    their own recipes (kind's in `stages`)."""
     from bubogpt.pretraining import assets
 
     started = time.time()
     model = assets.load_pretrained_tiny(vision_dir=vision_dir, llm_dir=llm_dir, seed=seed)
     train_pool, held_out, tokens, held_tokens = encoded_pictures(model, seed, f"{phase}_train", recipe)
     log(phase, 0, {"pools_seconds": time.time() - started})
-    model, metrics = train_vision_alignment(
-        model, tokens, train_pool.scenes, held_tokens, held_out.scenes, Schedule(recipe.steps, recipe.lr, recipe.warmup_steps),
-        recipe.batch_size, seed, log, eval_every=1000, train_llm=True, lookup_share=recipe.lookup_share,
-        pair_share=recipe.pair_share, text_batch=recipe.text_batch, phase=phase,
-    )  # fmt: skip
+    mix = dict(lookup_share=recipe.lookup_share, pair_share=recipe.pair_share, text_batch=recipe.text_batch,
+               source_question=recipe.source_question)
+    for i, (name, steps) in enumerate(recipe.stages or (("mix", recipe.steps),)):
+        stretch = f"{phase}_{i}_{name}" if recipe.stages else phase  # its own example streams and log label
+        model, metrics = train_vision_alignment(
+            model, tokens, train_pool.scenes, held_tokens, held_out.scenes, Schedule(steps, recipe.lr, recipe.warmup_steps),
+            recipe.batch_size, seed, log, eval_every=500 if recipe.stages else 1000, train_llm=True, phase=stretch,
+            **(mix if name == "mix" else FOCUS[name]),
+        )  # fmt: skip
     texts = score_llm(model.llm, model.tokenizer, held_out_records(seed, 300)).metrics()
     log(phase, recipe.steps, {f"text_{k}": v for k, v in texts.items()})
     vision_out, llm_out = out / "tiny_vision", out / "tiny_llm"
@@ -843,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the component's folder (e.g. bubogpt/assets/tiny_vision)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps (quick checks)")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps (each stage's, with stages; quick checks)")
     parser.add_argument("--vision-encoder", type=Path,
                         help="align: the vision phase's folder; instruct: the aligned vision asset (default bubogpt/assets/tiny_vision)")
     parser.add_argument("--llm", type=Path, help="align, instruct: the LLM's folder (default bubogpt/assets/tiny_llm)")
@@ -852,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     recipe = RECIPES[args.phase]
     if args.steps:
-        recipe = PhaseRecipe(**{**recipe.__dict__, "steps": args.steps})
+        stages = tuple((name, args.steps) for name, _ in recipe.stages)
+        recipe = PhaseRecipe(**{**recipe.__dict__, "steps": args.steps * max(1, len(stages)), "stages": stages})
     scores = run_phase(args.phase, args.out, args.seed, recipe, vision_encoder_dir=args.vision_encoder, llm_dir=args.llm)
     print(json.dumps({"phase": args.phase, "held_out": scores}), flush=True)
     return 0
