@@ -194,3 +194,15 @@ def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_
 
     shared = [q for q in questions if any(i in q for i in SOUND_SOURCE_INSTRUCTIONS)]
     assert (len(shared) == len(questions)) == source_question, questions
+
+
+def test_phase_recipe_stages_must_be_known_stretches_adding_up_to_the_steps():
+    from bubogpt.pretraining.tiny_components import FOCUS, RECIPES, PhaseRecipe
+
+    kind = RECIPES["kind"]
+    assert sum(steps for _, steps in kind.stages) == kind.steps
+    assert {name for name, _ in kind.stages} == {"mix", *FOCUS}
+    with pytest.raises(ValueError, match="add up to steps=10"):
+        PhaseRecipe(steps=10, lr=1e-3, batch_size=2, stages=(("colour", 3),))
+    with pytest.raises(ValueError, match="must name"):
+        PhaseRecipe(steps=3, lr=1e-3, batch_size=2, stages=(("sounds", 3),))

@@ -730,6 +730,11 @@ class PhaseRecipe:
     stages: tuple[tuple[str, int], ...] = ()
     source_question: bool = False  # the mix's pairs are asked the shared source question (`pair_example`)
 
+    def __post_init__(self):
+        unknown = [name for name, _ in self.stages if name != "mix" and name not in FOCUS]
+        if unknown or (self.stages and sum(steps for _, steps in self.stages) != self.steps):
+            raise ValueError(f"stages {self.stages} must name 'mix' or {sorted(FOCUS)} and add up to steps={self.steps}")
+
 
 # One kind of example only, for a stretch of a phase's `stages`. Mixed among captions and other
 # questions at lr 1-2e-3, lookups by kind stayed at the colour the model names when unsure (issue
