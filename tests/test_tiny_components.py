@@ -59,12 +59,19 @@ def test_llm_asset_answers_from_what_it_is_told():
     assert metrics["image_qa_position"] >= 0.8, metrics
 
 
-def test_aligned_vision_asset_answers_questions_about_unseen_pictures():
-    """The model built from all the assets (`load_pretrained_tiny`): pictures -> the pretrained
-    encoder -> the aligned Q-Former and projection -> the LLM tuned with them (phases instruct, lookup, kind)."""
+@pytest.fixture(scope="module")
+def assembled_on_unseen_pictures():
+    """(the model built from all the assets, 40 unseen pictures, their encoder tokens)."""
     model = load_pretrained_tiny()
     pictures = unseen_pictures(model.vision_encoder.config, 40)
-    metrics = score_image_qa(model, encode_pool(model.vision_encoder, pictures), pictures.scenes, HELD_OUT_SEED).metrics()
+    return model, pictures, encode_pool(model.vision_encoder, pictures)
+
+
+def test_aligned_vision_asset_answers_questions_about_unseen_pictures(assembled_on_unseen_pictures):
+    """The model built from all the assets (`load_pretrained_tiny`): pictures -> the pretrained
+    encoder -> the aligned Q-Former and projection -> the LLM tuned with them (phases instruct, lookup, kind)."""
+    model, pictures, tokens = assembled_on_unseen_pictures
+    metrics = score_image_qa(model, tokens, pictures.scenes, HELD_OUT_SEED).metrics()
     print(metrics)
     assert metrics["image_qa_count"] >= 0.95, metrics
     # Chance: kind 1/6, colour 1/6, position 1/5. Lookups by colour (kind, position) came with the
@@ -75,16 +82,15 @@ def test_aligned_vision_asset_answers_questions_about_unseen_pictures():
     assert metrics["modality_hallucination_image_only"] <= 0.05, metrics
 
 
-def test_aligned_vision_asset_locates_a_sound_told_in_words_or_calls_the_pair_unrelated():
+def test_aligned_vision_asset_locates_a_sound_told_in_words_or_calls_the_pair_unrelated(assembled_on_unseen_pictures):
     """The same model and pictures, each with a sound told in words (`score_pairs`): a sound one of
     the objects makes, whose source it must name by colour, kind and place, and a sound none makes.
     Measured: localisation 0.83, unrelated 1.00, false alarms 0.08 (tiny_vision/README.md); chance
     1/30, 1/2, 1/2."""
     from bubogpt.pretraining.tiny_components import score_pairs
 
-    model = load_pretrained_tiny()
-    pictures = unseen_pictures(model.vision_encoder.config, 40)
-    metrics = score_pairs(model, encode_pool(model.vision_encoder, pictures), pictures.scenes, HELD_OUT_SEED).metrics()
+    model, pictures, tokens = assembled_on_unseen_pictures
+    metrics = score_pairs(model, tokens, pictures.scenes, HELD_OUT_SEED).metrics()
     print(metrics)
     assert metrics["localisation"] >= 0.7 and metrics["unrelated_rate"] >= 0.85, metrics
     assert metrics["false_alarm_rate"] <= 0.2, metrics
@@ -167,6 +173,7 @@ def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_
     from bubogpt.evaluation import named_colours, named_positions
     from bubogpt.pretraining import streams
     from bubogpt.pretraining.tiny_components import pair_example
+    from bubogpt.training import SOUND_SOURCE_INSTRUCTIONS
 
     rng = np.random.default_rng(5)
     scenes = [streams.sample_scene(rng) for _ in range(30)]
@@ -190,8 +197,6 @@ def test_pair_examples_tell_the_sound_in_words_and_locate_its_source_or_call_it_
             assert target.startswith(vocab.NEGATIVE_PREFIXES), target
             seen["unrelated"] += 1
     assert min(seen.values()) >= 20, seen
-    from bubogpt.training import SOUND_SOURCE_INSTRUCTIONS
-
     shared = [q for q in questions if any(i in q for i in SOUND_SOURCE_INSTRUCTIONS)]
     assert (len(shared) == len(questions)) == source_question, questions
 
