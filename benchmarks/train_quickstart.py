@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from workflows.cli import parse  # noqa: E402
 
-NO_NEGATIVES = {"stage2": {"datasets": {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 2.0}}}
+NO_NEGATIVES = {"stage2": {"datasets": {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 4.0}}}
 
 
 def run(argv: list[str]) -> float:

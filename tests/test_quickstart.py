@@ -24,11 +24,12 @@ from tests.serve_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--seed", "1", "--num-cpus", "4"]  # the demo's corpus is seed 0
-# The targets of issue 16 that the quickstart's model meets on both seeds (eval.json "targets_met";
-# the others -- colour, met on seed 1 only, and localisation -- are not yet: see
-# benchmarks/train_quickstart.md).
+# The targets of issue 16 that this seed's quickstart meets (eval.json "targets_met"): the seven met on
+# both seeds by the recipe of benchmarks/train_quickstart.md, and localisation, which session 11's
+# recipe (LoRA on every linear layer, 900 stage-2 steps, three times the pairs) met on this seed
+# (89.6 %, 172/192). Colour is not asserted: 95.1 % (39/41) here, one answer above its target.
 MET_TARGETS = ("sound_kind", "image_qa_count", "image_qa_kind", "image_qa_position", "false_alarm_rate",
-               "unrelated_rate", "modality_hallucination_rate")
+               "unrelated_rate", "modality_hallucination_rate", "localisation")
 COMBINATIONS = ["image", "audio", "image+matched-audio", "image+unrelated-audio"]
 
 
