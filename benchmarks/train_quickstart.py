@@ -32,7 +32,11 @@ sys.path.insert(0, str(REPO))
 
 from workflows.cli import parse  # noqa: E402
 
-NO_NEGATIVES = {"stage2": {"datasets": {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 4.0}}}
+from bubogpt.training.config import tiny_stage_configs  # noqa: E402
+
+# The recipe's stage-2 mix without negative pairs (derived, so that it follows the recipe).
+NO_NEGATIVES = {"stage2": {"datasets": {name: ratio for name, ratio in tiny_stage_configs()["stage2"].datasets.items()
+                                        if name != "negative_pairs"}}}  # fmt: skip
 
 
 def run(argv: list[str]) -> float:

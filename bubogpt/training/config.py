@@ -194,8 +194,8 @@ def tiny_stage_configs() -> dict[str, TrainConfig]:
     # Stage 2 keeps the reference's datasets; the ratios are flattened so that the small localisation
     # and negative sets are seen often enough in a few hundred steps (reference: 3/150/4/5/3). LoRA
     # on every linear layer of the LLM, not only attention: finding an object by a kind that only
-    # the sound names, and copying its colour, is what the tiny LLM does worst (measured in
-    # benchmarks/train_quickstart.md).
+    # the sound names, and copying its colour, is what the tiny LLM does worst (scratch runs,
+    # benchmarks/train_quickstart.md, session 11).
     stage2_sets = {"cc_sbu_align": 1.0, "llava_instruct": 3.0, "clotho": 1.0, "vggss": 4.0, "negative_pairs": 3.0}
     return {
         "stage1": TrainConfig(
