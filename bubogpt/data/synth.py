@@ -91,9 +91,10 @@ SIZES = {
     "small": CorpusSize(
         wavcaps=120, cc_sbu_align=50, llava_instruct=50, clotho=40, vggss=40, negative_pairs=30
     ),
-    # ~4,700 examples for real (tiny-model) training: a few minutes. Three times as many sound
-    # localisations and negative pairs as the other sets' 320-400: with fewer, stage 2 repeated each
-    # pair ~15 times and learnt them by heart (benchmarks/train_quickstart.md).
+    # ~3,800 examples for real (tiny-model) training: a few minutes. Three times as many sound
+    # localisations and negative pairs as the other sets' 320-400: with 320, the tiny stage 2 would show
+    # each pair ~15 times, and at ~7 times it already located its training pairs better than held-out
+    # ones (benchmarks/train_quickstart.md).
     "medium": CorpusSize(
         wavcaps=960, cc_sbu_align=400, llava_instruct=400, clotho=320, vggss=960,
         negative_pairs=720,
