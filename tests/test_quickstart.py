@@ -24,11 +24,14 @@ from tests.serve_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--seed", "1", "--num-cpus", "4"]  # the demo's corpus is seed 0
-# The targets of issue 16 that the recipe meets on seeds 0, 1 and 2 (eval.json "targets_met";
-# benchmarks/results/train_quickstart_2026-12-05e_seed*.json). Colour is not asserted: 95.1 % (39/41)
-# on this seed, one answer above its target, and 93.6 % on seed 2 (benchmarks/train_quickstart.md).
-MET_TARGETS = ("sound_kind", "image_qa_count", "image_qa_kind", "image_qa_position", "false_alarm_rate",
-               "unrelated_rate", "modality_hallucination_rate", "localisation")
+# Issue 16's targets, written here from the issue (not read from the code under test): (at least, at
+# most). Met on seeds 0, 1, 2 and 3 since the colour pretraining phase (benchmarks/train_quickstart.md,
+# results/train_quickstart_2026-12-05f_seed*.json); on seed 1 colour was 41/41, localisation 189/192.
+ISSUE_16_TARGETS = {
+    "image_qa_colour": (0.95, None), "image_qa_kind": (0.95, None), "image_qa_count": (0.95, None),
+    "image_qa_position": (0.90, None), "sound_kind": (0.95, None), "localisation": (0.85, None),
+    "unrelated_rate": (0.90, None), "false_alarm_rate": (None, 0.10), "modality_hallucination_rate": (None, 0.05),
+}
 COMBINATIONS = ["image", "audio", "image+matched-audio", "image+unrelated-audio"]
 
 
@@ -65,8 +68,10 @@ def test_first_run_trains_evaluates_serves_and_answers_every_combination(two_run
     assert (workdir / "model" / "bubogpt_config.json").is_file()
     evaluation = json.loads((workdir / "eval.json").read_text())
     print(json.dumps({m: (evaluation["metrics"][m], evaluation["counts"][m]) for m in evaluation["metrics"]}, indent=1))
-    for metric in MET_TARGETS:
-        assert evaluation["targets_met"][metric], (metric, evaluation["metrics"][metric], evaluation["counts"][metric])
+    for metric, (at_least, at_most) in ISSUE_16_TARGETS.items():
+        value, why = evaluation["metrics"][metric], (metric, evaluation["metrics"][metric], evaluation["counts"][metric])
+        assert (at_least is None or value >= at_least) and (at_most is None or value <= at_most), why
+        assert evaluation["targets_met"][metric], why  # and the table the quickstart prints agrees
     assert evaluation["counts"]["modality_hallucination_rate"]["total"] >= 200  # image-only + audio-only rows
     # Image-only, audio-only answers counted for modality hallucination; chance next to the scores.
     parts = ("modality_hallucination_rate", "modality_hallucination_image_only", "modality_hallucination_audio_only")
