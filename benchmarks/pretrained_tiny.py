@@ -65,13 +65,17 @@ def main() -> int:
     command = " ".join(["python", "benchmarks/pretrained_tiny.py", *sys.argv[1:]])
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     rows: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.git_rev:
-            rows[f"assets of {args.git_rev}"] = score(*assets_at(args.git_rev, Path(tmp)), args.pictures)
-        started = time.time()
-        rows[f"working tree (HEAD {head})"] = score(assets.VISION_DIR, assets.LLM_DIR, args.pictures)
+        folders = {f"working tree (HEAD {head})": (assets.VISION_DIR, assets.LLM_DIR)}
+        if args.git_rev:  # the baseline first, as its row is printed first
+            folders = {f"assets of {args.git_rev}": assets_at(args.git_rev, Path(tmp)), **folders}
+        for name, (vision_dir, llm_dir) in folders.items():
+            started = time.time()
+            rows[name] = score(vision_dir, llm_dir, args.pictures)
+            seconds[name] = round(time.time() - started, 1)
     record = {"date": datetime.date.today().isoformat(), "command": command, "pictures": args.pictures,
-              "stream": "align_held_out", "seed": 0, "seconds_per_row": round(time.time() - started, 1), "rows": rows}  # fmt: skip
+              "stream": "align_held_out", "seed": 0, "seconds": seconds, "rows": rows}  # fmt: skip
     out = REPO / "benchmarks/results" / f"pretrained_tiny_{record['date']}{args.label}.json"
     out.write_text(json.dumps(record, indent=2))
     print(f"# {command}  ({args.pictures} held-out pictures; -> {out.relative_to(REPO)})")
